@@ -1,0 +1,101 @@
+"""Compile an imported model for a preset and write a verified artifact directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+import targets
+
+from . import __version__
+from .artifact import FORMAT, FORMAT_VERSION, Artifact, atomic_directory, write_manifest
+from .errors import EdgeqError
+from .frontend import ImportedModel, load_onnx
+
+
+def _weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of the model's constant weights, by dtype (what quantization shrinks)."""
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        arr = onnx.numpy_helper.to_array(t)
+        sizes[arr.dtype.name] = sizes.get(arr.dtype.name, 0) + arr.nbytes
+    return sizes
+
+
+def _export(executable, stage: Path, preset: targets.Preset) -> dict:
+    """Link model.so with the preset's (cross) compiler, or ship model.tar of objects when there is none."""
+    from tvm.support import cc
+
+    compiler = targets.find_compiler(preset)
+    if compiler is None:
+        executable.export_library(str(stage / "model.tar"))
+        return {"file": "model.tar", "kind": "objects", "linker": None,
+                "note": f"no linker for {preset.name} on the build machine ({preset.package}); "
+                        "link the objects into a shared library on the device or install the toolchain"}
+    try:
+        executable.export_library(str(stage / "model.so"), fcompile=cc.cross_compiler(compiler))
+    except RuntimeError as e:
+        raise EdgeqError(f"linking model.so with {compiler} failed: {' '.join(str(e).split())[-400:]}") from None
+    return {"file": "model.so", "kind": "shared", "linker": os.path.basename(compiler)}
+
+
+def compile_module(model: ImportedModel, preset: targets.Preset):
+    """Graph passes, lowering and code generation: the in-memory executable."""
+    import tvm
+    from relay_passes import pipeline
+    from schedules.lowering import lowering_pipeline
+
+    target = targets.tvm_target(preset)
+    mod = pipeline.optimize(model.mod)
+    return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
+
+
+def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False) -> Artifact:
+    """Compile an ONNX model (path, ModelProto or ImportedModel) for a target preset into an artifact dir.
+
+    Without out_dir the artifact goes to a fresh temporary directory.
+    """
+    import tvm
+    from tqdm import tqdm
+
+    steps = tqdm(total=4, disable=not progress, unit="stage", leave=False,
+                 bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]")
+
+    def step(name: str):  # the bar counts stages started
+        steps.set_description_str(name)
+        steps.update()
+
+    step("import")
+    if not isinstance(model, ImportedModel):
+        model = load_onnx(model, input_shapes)
+    preset = targets.resolve(target)
+    step("compile")
+    executable = compile_module(model, preset)
+    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
+    with atomic_directory(out_dir) as stage:
+        step("link")
+        library = _export(executable, stage, preset)
+        write_manifest(stage, {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "edgeq_version": __version__,
+            "tvm_version": tvm.__version__,
+            "model": {"name": model.name, "sha256": model.sha256, "opset": model.opset},
+            "preset": preset.name,
+            "target": preset.target,
+            "host_target": preset.host,
+            "arch": preset.arch,
+            "features": list(preset.features),
+            "library": library,
+            "inputs": [s.to_dict() for s in model.inputs],
+            "outputs": [s.to_dict() for s in model.outputs],
+            "quantization": {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)},
+        })
+    step("verify")
+    artifact = Artifact.load(out_dir)
+    steps.close()
+    return artifact

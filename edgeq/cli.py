@@ -1,0 +1,211 @@
+"""The `edgeq` command: compile, run, bench, inspect, targets, demo.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error (--verbose for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeqError
+
+
+def _print_table(rows: list[list], header: list[str]) -> None:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
+
+
+def cmd_compile(args) -> None:
+    from . import build
+    from .tensors import parse_input_shapes
+
+    artifact = build(args.model, target=args.target, out_dir=args.output,
+                     input_shapes=parse_input_shapes(args.input_shape), progress=True)
+    m = artifact.manifest
+    print(f"wrote {artifact.path} ({m['preset']}, {m['arch']}, {m['library']['file']} {_mb(artifact.size_bytes())})")
+    if m["library"]["kind"] != "shared":
+        print(f"note: {m['library']['note']}")
+
+
+def cmd_run(args) -> None:
+    from . import Artifact
+    from .artifact import write_npz_atomic
+    from .tensors import load_arrays, random_inputs
+
+    artifact = Artifact.load(args.artifact)
+    inputs = load_arrays(args.input) if args.input else random_inputs(artifact.inputs)
+    outputs = artifact.run(inputs)
+    for name, value in outputs.items():
+        flat = value.reshape(-1)
+        print(f"{name}: {value.dtype}{list(value.shape)} min {flat.min():.6g} max {flat.max():.6g} "
+              f"first {np.array2string(flat[:6], precision=5, separator=', ')}")
+    if args.output:
+        write_npz_atomic(Path(args.output), outputs)
+        print(f"wrote {args.output}")
+
+
+def cmd_bench(args) -> None:
+    from . import Artifact
+    from .tensors import load_arrays
+
+    artifact = Artifact.load(args.artifact)
+    inputs = load_arrays(args.input) if args.input else None
+    rows = []
+    for threads in args.threads or [None]:
+        s = artifact.benchmark(inputs, repeat=args.repeat, threads=threads)
+        rows.append([s["threads"], f"{s['mean_ms']:.3f}", f"{s['median_ms']:.3f}", f"{s['std_ms']:.3f}",
+                     f"{s['min_ms']:.3f}"])
+    print(f"{artifact.path} ({artifact.manifest['preset']}), {args.repeat} repeats")
+    _print_table(rows, ["threads", "mean ms", "median ms", "std ms", "min ms"])
+
+
+def _inspect_model(path: str, args) -> None:
+    import onnx
+
+    from .frontend import load_onnx, unsupported_ops
+    from .tensors import parse_input_shapes
+
+    model = load_onnx(path, parse_input_shapes(args.input_shape)) if args.input_shape else None
+    proto = model.onnx_model if model else onnx.load(path)
+    graph = proto.graph
+    init = {t.name for t in graph.initializer}
+    params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    print(f"{path}: ONNX ir_version {proto.ir_version}, opsets "
+          + ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in proto.opset_import)
+          + f", {len(graph.node)} nodes, {params:,} parameters")
+    for v in graph.input:
+        if v.name not in init:
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            print(f"  input  {v.name}: {onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)}{dims}")
+    for v in model.outputs if model else graph.output:
+        print(f"  output {v}" if model else f"  output {v.name}")
+    print("  ops: " + ", ".join(f"{op}×{n}" for op, n in Counter(n.op_type for n in graph.node).most_common()))
+    missing = unsupported_ops(proto)
+    print("  unsupported: " + ("; ".join(f"{op} ({', '.join(nodes)})" for op, nodes in missing.items())
+                               if missing else "none"))
+
+
+def _inspect_artifact(path: str) -> None:
+    from . import Artifact
+
+    m = Artifact.load(path).manifest  # verifies checksums
+    print(f"{path}: edgeq artifact v{m['format_version']} (edgeq {m['edgeq_version']}, TVM {m['tvm_version']}), "
+          f"checksums ok")
+    print(f"  model   {m['model']['name']} (sha256 {m['model']['sha256'][:16]}…, opset {m['model']['opset']})")
+    print(f"  target  {m['preset']}: {json.dumps(m['target'])}" + (f" host {json.dumps(m['host_target'])}"
+                                                                  if m["host_target"] else ""))
+    print(f"  library {m['library']['file']} ({m['library']['kind']}, {m['arch']})")
+    for s in m["inputs"]:
+        print(f"  input   {s['name']}: {s['dtype']}{s['shape']}")
+    for s in m["outputs"]:
+        print(f"  output  {s['name']}: {s['dtype']}{s['shape']}")
+    q = m["quantization"]
+    print(f"  weights {q['mode']}: " + ", ".join(f"{k} {_mb(v)}" for k, v in q["weight_bytes"].items()))
+
+
+def cmd_inspect(args) -> None:
+    if os.path.isdir(args.path):
+        _inspect_artifact(args.path)
+    elif os.path.isfile(args.path):
+        _inspect_model(args.path, args)
+    else:
+        raise EdgeqError(f"cannot read {args.path}: no such file or directory")
+
+
+def cmd_targets(args) -> None:
+    import targets
+
+    rows = []
+    for p in targets.all_presets():
+        rows.append([p.name, p.arch, ",".join(p.features) or "-", targets.toolchain_status(p), p.description])
+    _print_table(rows, ["preset", "arch", "features", "toolchain here", "device"])
+    if args.json:
+        print(json.dumps({p.name: {"target": p.target, "host": p.host} for p in targets.all_presets()}, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeq", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    shape_help = "fix a dynamic input shape, e.g. image=1x3x224x224 (repeatable)"
+    p = command("compile", cmd_compile, "compile an ONNX model into an artifact directory")
+    p.add_argument("model", help="model.onnx")
+    p.add_argument("--target", default="host", help="preset name (see `edgeq targets`) or a raw TVM target JSON")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
+
+    p = command("run", cmd_run, "run an artifact on this machine")
+    p.add_argument("artifact")
+    p.add_argument("--input", help="inputs as .npz (keys = input names) or .npy; default: random")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+
+    p = command("bench", cmd_bench, "measure an artifact's latency on this machine")
+    p.add_argument("artifact")
+    p.add_argument("--input", help="inputs as .npz; default: random")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--threads", type=int, action="append", help="thread count (repeatable); default: all cores")
+
+    p = command("inspect", cmd_inspect, "describe an ONNX model or verify and describe an artifact")
+    p.add_argument("path", help="model.onnx or an artifact directory")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
+
+    p = command("targets", cmd_targets, "list device presets and whether their toolchain is installed")
+    p.add_argument("--json", action="store_true", help="also print each preset's TVM target JSON")
+
+    p = command("demo", cmd_demo, "compile the bundled digits model for this machine, test and time it")
+    p.add_argument("-o", "--output", help="keep the artifact in this directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except EdgeqError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"edgeq: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgeq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in edgeq or TVM: say so, keep the traceback behind --verbose
+        if args.verbose:
+            traceback.print_exc()
+        first = " ".join(str(e).split())[:300]
+        print(f"edgeq: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

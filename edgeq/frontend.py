@@ -1,0 +1,165 @@
+"""ONNX -> Relax: read, check, fix dynamic dims, infer shapes, refuse unsupported ops (all at once), import."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import EdgeqError
+from .tensors import TensorSpec
+
+
+@dataclass
+class ImportedModel:
+    """A Relax module plus what the artifact needs to describe it."""
+
+    mod: "object"  # tvm.IRModule; main takes the inputs in order and returns the outputs
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    onnx_model: onnx.ModelProto
+    name: str
+    sha256: str
+    opset: int
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _read(model) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "model"
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise EdgeqError(f"cannot read {path}: no such file")
+    try:
+        proto = onnx.load(path)
+    except Exception as e:  # protobuf DecodeError, missing external data, permissions
+        raise EdgeqError(f"cannot read {path} as ONNX: {_one_line(e)}") from None
+    if not proto.graph.output:
+        raise EdgeqError(f"{path} is not an ONNX model (no graph outputs)")
+    return proto, os.path.splitext(os.path.basename(path))[0]
+
+
+def _check(proto: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise EdgeqError(f"invalid ONNX model: {_one_line(e)}") from None
+
+
+def _dtype(elem_type: int) -> str:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def _fix_inputs(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> list[TensorSpec]:
+    """Resolve every input's shape (user overrides first) and write it back into the graph."""
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    names = [i.name for i in inputs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise EdgeqError(f"--input-shape names unknown input(s) {', '.join(unknown)}; inputs are {', '.join(names)}")
+    specs, unresolved = [], []
+    for value in inputs:
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if value.name in shapes:
+            shape = shapes[value.name]
+            fixed = [d.dim_value for d in dims]
+            if len(shape) != len(dims):
+                raise EdgeqError(f"--input-shape {value.name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
+            clash = [(i, f, s) for i, (f, s) in enumerate(zip(fixed, shape)) if f > 0 and f != s]
+            if clash:
+                i, f, s = clash[0]
+                raise EdgeqError(f"--input-shape {value.name}: dim {i} is fixed to {f} in the model, {s} given")
+        else:
+            shape = tuple(d.dim_value for d in dims)
+            if any(s <= 0 for s in shape):
+                shown = [str(d.dim_value) if d.dim_value > 0 else d.dim_param or "?" for d in dims]
+                guess = "x".join(str(max(s, 1)) for s in shape)
+                unresolved.append((f"{value.name}[{', '.join(shown)}]", f"--input-shape {value.name}={guess}"))
+                continue
+        for d, s in zip(dims, shape):
+            d.Clear()
+            d.dim_value = s
+        specs.append(TensorSpec(value.name, tuple(shape), _dtype(tensor.elem_type)))
+    if unresolved:
+        raise EdgeqError(f"dynamic input dims are not resolved: {'; '.join(u for u, _ in unresolved)}; "
+                         f"fix them, e.g. {' '.join(fix for _, fix in unresolved)}")
+    return specs
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node, including those in If/Loop/Scan bodies."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _nodes(sub)
+
+
+def unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
+    """{op type: [node names]} for every node the Relax ONNX frontend cannot convert."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"If", "Constant"}
+    missing: dict[str, list[str]] = defaultdict(list)
+    for i, node in enumerate(_nodes(proto.graph)):
+        if node.op_type not in known:
+            domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            missing[domain + node.op_type].append(node.name or f"#{i}")
+    return dict(missing)
+
+
+def _output_specs(mod, graph: onnx.GraphProto) -> list[TensorSpec]:
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    fields = ret.fields if isinstance(ret, relax.TupleType) else [ret]
+    names = [o.name for o in graph.output]
+    specs = []
+    for name, ty in zip(names, fields):
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            raise EdgeqError(f"output {name!r} has no static tensor shape after import")
+        try:
+            shape = tuple(int(d) for d in ty.shape.values)
+        except TypeError:
+            raise EdgeqError(f"output {name!r} has a data-dependent shape {ty.shape}; edgeq needs static shapes") from None
+        specs.append(TensorSpec(name, shape, str(ty.dtype)))
+    return specs
+
+
+def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
+    """Load an ONNX file or ModelProto and import it into Relax with every dim static.
+
+    input_shapes fixes dynamic dims, e.g. {"image": (1, 3, 224, 224)}.
+    """
+    proto, name = _read(model)
+    _check(proto)
+    serialized = proto.SerializeToString()
+    proto = onnx.ModelProto.FromString(serialized)  # never modify the caller's proto
+    inputs = _fix_inputs(proto.graph, dict(input_shapes or {}))
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as e:  # InferenceError, or a checker error raised during inference
+        raise EdgeqError(f"ONNX shape inference failed: {_one_line(e)}") from None
+    missing = unsupported_ops(proto)
+    if missing:
+        listing = "; ".join(f"{op} (nodes: {', '.join(nodes)})" for op, nodes in sorted(missing.items()))
+        raise EdgeqError(f"unsupported ONNX operators: {listing}")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    try:
+        mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
+                        dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False)
+    except Exception as e:  # the converter raises ValueError/TVMError/OpNotImplemented on unsupported attributes
+        raise EdgeqError(f"TVM could not import the model: {_one_line(e)}") from None
+    digest = hashlib.sha256(serialized).hexdigest()
+    return ImportedModel(mod, inputs, _output_specs(mod, proto.graph), proto, name, digest, opset)

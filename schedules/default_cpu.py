@@ -1,0 +1,292 @@
+"""Default (untuned) CPU schedules for the fused PrimFuncs of a Relax module.
+
+Without a schedule, TVM emits each PrimFunc as a naive single-threaded scalar
+loop nest (float reductions are not even auto-vectorized by LLVM because it may
+not reassociate them).  This module gives every fused PrimFunc a cheap, generic
+schedule in the spirit of the old ``topi.x86`` templates:
+
+* injective producers (padding, broadcasts, elementwise chains) are inlined into
+  their single consumer;
+* a reduction block (conv, matmul, pooling, mean, ...) is register-tiled: the
+  loop of the output's innermost dimension is split into one SIMD vector, the
+  next spatial loop into a small unrolled tile, the reduction loops are moved
+  outside these two tiles, the accumulator lives in a ``local`` cache and the
+  elementwise epilogue (bias, batch-norm, relu, residual add) is fused into
+  the write-back of that cache;
+* the outer spatial loops are fused and parallelised over the runtime thread
+  pool, the innermost one is vectorised.
+
+Vectorising along the innermost output dimension works best when that
+dimension is the channel dimension, so :func:`default_cpu_layout_passes`
+converts convolutions and pools to NHWC/HWIO before legalisation.
+
+Every primitive is guarded: if the tiled schedule of a block fails, the block
+falls back to "parallelise the outer spatial loops", and a PrimFunc whose
+schedule fails entirely is left untouched.
+"""
+
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import Schedule
+from tvm.sym.pattern import detect_linear_equation
+from tvm.tirx.analysis import undefined_vars
+
+# ScheduleError and the other FFI errors (InternalError, ...) are RuntimeErrors.
+_ERRORS = (RuntimeError, ValueError, IndexError)
+_MAX_UNROLL_TILE = 8  # rows of the register tile; x one vector each = accumulators
+_MIN_PARALLEL_WORK = 16384  # below this many loop iterations threads cost more than they give
+
+
+def default_cpu_layout_passes(target: tvm.target.Target) -> list:  # pylint: disable=unused-argument
+    """Relax passes to run before legalisation so the default schedule vectorises well.
+
+    Convolutions become NHWC data / HWIO kernels (output channels innermost and
+    contiguous in both the kernel and the output), pools follow.  The weight
+    transposes are constant-folded by the ``FoldConstant`` in the legalize
+    passes.  ``CanonicalizeBindings`` first removes the ``(y, mean, var)[0]``
+    tuples left by the ONNX BatchNormalization importer, which otherwise stop
+    FuseOps from fusing the activation into the convolution.
+    """
+    return [
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+    ]
+
+
+def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Module pass: schedule every not-yet-scheduled PrimFunc for a multi-core SIMD CPU."""
+    vector_bytes = _vector_bytes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedule")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            try:
+                sch = _schedule_func(func, vector_bytes)
+            except _ERRORS:
+                continue
+            updates[gvar] = sch.mod["main"].with_attr("tir.is_scheduled", True)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
+def _vector_bytes(target: tvm.target.Target) -> int:
+    """SIMD register width in bytes of an llvm target (16 if unknown)."""
+    for feature, width in (("avx512f", 64), ("avx", 32)):
+        try:
+            if tvm.target.codegen.target_has_features(feature, target):
+                return width
+        except _ERRORS:
+            break
+    return 16
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tir.is_scheduled", False))
+
+
+def _schedule_func(func: tirx.PrimFunc, vector_bytes: int) -> Schedule:
+    sch = Schedule(tvm.IRModule({"main": func}))
+    _inline_injective(sch)
+    for name in _root_block_names(sch):
+        if _is_reduction(sch, sch.get_sblock(name)):
+            sch = _guarded(sch, name, lambda s, b: _tile_reduction(s, b, vector_bytes))
+    for name in _root_block_names(sch):  # what is left: spatial blocks
+        if not _is_reduction(sch, sch.get_sblock(name)):
+            sch = _guarded(sch, name, lambda s, b: _vectorize_spatial(s, b, vector_bytes))
+    return sch
+
+
+def _guarded(sch: Schedule, name: str, schedule_block) -> Schedule:
+    """Apply ``schedule_block`` on a copy; on failure only parallelise the block."""
+    trial = sch.copy()
+    try:
+        schedule_block(trial, trial.get_sblock(name))
+        return trial
+    except _ERRORS:
+        pass
+    trial = sch.copy()
+    try:
+        _parallel_outer(trial, trial.get_sblock(name))
+        return trial
+    except _ERRORS:
+        return sch
+
+
+def _root_block_names(sch: Schedule) -> list:
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    blocks = sch.get_child_blocks(root) if root is not None else []
+    return [sch.get(b).name_hint for b in blocks]
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except _ERRORS:
+        return False
+
+
+def _is_reduction(sch: Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _inline_injective(sch: Schedule) -> None:
+    """Inline every spatial block with one consumer into it (padding, BN, bias, relu).
+
+    Blocks with several consumers (e.g. softmax's ``exp``) are kept so that
+    expensive producers are not recomputed.
+    """
+    for name in _root_block_names(sch):
+        block = sch.get_sblock(name)
+        if _is_reduction(sch, block) or len(sch.get_consumers(block)) != 1:
+            continue
+        try:
+            sch.compute_inline(block)
+        except _ERRORS:
+            pass
+
+
+def _loop_kinds(sch: Schedule, block, loops) -> list:
+    """'S' / 'R' per loop from the block iterators it binds; 'X' if mixed or opaque."""
+    stmt = sch.get(block)
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    kinds = []
+    for loop in loops:
+        var = sch.get(loop).loop_var
+        used = {
+            iv.iter_type
+            for iv, value in zip(stmt.iter_vars, realize.iter_values)
+            if any(v.same_as(var) for v in undefined_vars(value))
+        }
+        if used == {tirx.IterVar.CommReduce}:
+            kinds.append("R")
+        elif used <= {tirx.IterVar.DataPar}:
+            kinds.append("S")
+        else:
+            kinds.append("X")
+    return kinds
+
+
+def _vector_loop(sch: Schedule, block, loops, vector_bytes: int):
+    """(loop, lanes) for the loop of the written buffer's innermost dimension.
+
+    It is vectorisable when every read of the block is contiguous or invariant
+    along it; lanes is the largest power-of-two divisor of its extent up to the
+    SIMD width (None when fewer than 4 lanes fit).
+    """
+    stmt = sch.get(block)
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    if len(stmt.writes) != 1:
+        return None, None
+    write = stmt.writes[0]
+    last = write.region[-1].min
+    ivar = next((iv.var for iv in stmt.iter_vars if iv.var.same_as(last)), None)
+    if ivar is None:
+        return None, None
+    value = realize.iter_values[[iv.var.same_as(ivar) for iv in stmt.iter_vars].index(True)]
+    loop = next((lp for lp in loops if sch.get(lp).loop_var.same_as(value)), None)
+    if loop is None:
+        return None, None
+    for read in stmt.reads:
+        *outer, inner = [rng.min for rng in read.region] or [tirx.IntImm("int64", 0)]
+        if any(any(v.same_as(ivar) for v in undefined_vars(e)) for e in outer):
+            return None, None
+        coeff = detect_linear_equation(inner, [ivar])
+        if len(coeff) != 2 or not isinstance(coeff[0], tirx.IntImm) or int(coeff[0]) not in (0, 1):
+            return None, None
+    lanes = vector_bytes * 8 // write.source.dtype.bits
+    extent = int(sch.get(loop).extent)
+    while lanes >= 4 and extent % lanes:
+        lanes //= 2
+    return (loop, lanes) if lanes >= 4 else (None, None)
+
+
+def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
+    """Register-tile a reduction block and fuse its elementwise epilogue.
+
+    Loop order: [parallel fused outer spatial] [reduction] [unrolled row tile] [vector].
+    """
+    loops = sch.get_loops(block)
+    kinds = _loop_kinds(sch, block, loops)
+    if "X" in kinds:
+        raise ValueError("loop binds both spatial and reduction iterators")
+    spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
+    reduction = [lp for lp, k in zip(loops, kinds) if k == "R"]
+    vloop, lanes = _vector_loop(sch, block, loops, vector_bytes)
+    outer, inner = list(spatial), []
+    if vloop is not None:
+        vo, vi = sch.split(vloop, [None, lanes])
+        outer[outer.index(vloop)] = vo
+        inner.append(vi)
+        rows = [lp for lp in spatial if not lp.same_as(vloop) and int(sch.get(lp).extent) > 1]
+        if rows:
+            row = rows[-1]
+            extent = int(sch.get(row).extent)
+            factor = max(f for f in range(1, _MAX_UNROLL_TILE + 1) if extent % f == 0)
+            ro, ri = sch.split(row, [None, factor])
+            outer[outer.index(row)] = ro
+            inner.insert(0, ri)
+    sch.reorder(*outer, *reduction, *inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    work = _extent_product(sch, sch.get_loops(block))
+    if inner:
+        cache = sch.cache_write(block, 0, "local")
+        for consumer in sch.get_consumers(cache):
+            try:
+                sch.reverse_compute_inline(consumer)
+            except _ERRORS:
+                pass
+        sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(cache)[-1])
+        if reduction:
+            init = sch.decompose_reduction(block, reduction[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(inner[-1])
+        if len(inner) == 2:
+            sch.unroll(inner[0])
+    if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
+        sch.parallel(fused)
+
+
+def _vectorize_spatial(sch: Schedule, block, vector_bytes: int) -> None:
+    """Injective block: vectorise the innermost output dimension, parallelise the rest."""
+    loops = sch.get_loops(block)
+    vloop, lanes = _vector_loop(sch, block, loops, vector_bytes)
+    work = _extent_product(sch, loops)
+    outer = list(loops)
+    if vloop is not None and vloop.same_as(loops[-1]):
+        vo, vi = sch.split(vloop, [None, lanes])
+        outer[-1] = vo
+        sch.vectorize(vi)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
+        sch.parallel(fused)
+
+
+def _parallel_outer(sch: Schedule, block) -> None:
+    """Fallback: fuse and parallelise the leading spatial loops of a block."""
+    loops = sch.get_loops(block)
+    kinds = _loop_kinds(sch, block, loops)
+    lead = []
+    for loop, kind in zip(loops, kinds):
+        if kind != "S":
+            break
+        lead.append(loop)
+    if not lead or _extent_product(sch, loops) < _MIN_PARALLEL_WORK:
+        return
+    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    sch.parallel(fused)
+
+
+def _extent_product(sch: Schedule, loops) -> int:
+    total = 1
+    for loop in loops:
+        extent = sch.get(loop).extent
+        total *= int(extent) if isinstance(extent, tirx.IntImm) else _MIN_PARALLEL_WORK
+    return total
