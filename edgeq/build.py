@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -60,42 +61,48 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
     Without out_dir the artifact goes to a fresh temporary directory.
     """
     import tvm
+
+    with _stages(progress) as step:
+        step("import")
+        if not isinstance(model, ImportedModel):
+            model = load_onnx(model, input_shapes)
+        preset = targets.resolve(target)
+        step("compile")
+        executable = compile_module(model, preset)
+        out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
+        with atomic_directory(out_dir) as stage:
+            step("link")
+            library = _export(executable, stage, preset)
+            write_manifest(stage, {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "edgeq_version": __version__,
+                "tvm_version": tvm.__version__,
+                "model": {"name": model.name, "sha256": model.sha256, "opset": model.opset},
+                "preset": preset.name,
+                "target": preset.target,
+                "host_target": preset.host,
+                "arch": preset.arch,
+                "features": list(preset.features),
+                "library": library,
+                "inputs": [s.to_dict() for s in model.inputs],
+                "outputs": [s.to_dict() for s in model.outputs],
+                "quantization": {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)},
+            })
+        step("verify")
+        return Artifact.load(out_dir)
+
+
+@contextlib.contextmanager
+def _stages(progress: bool):
+    """A stage counter on stderr (terminals only); cleared on exit so errors print on a clean line."""
     from tqdm import tqdm
 
-    steps = tqdm(total=4, disable=not progress, unit="stage", leave=False,
-                 bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]")
+    with tqdm(total=4, disable=None if progress else True, leave=False, unit="stage",
+              bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]") as bar:
 
-    def step(name: str):  # the bar counts stages started
-        steps.set_description_str(name)
-        steps.update()
+        def step(name: str):
+            bar.set_description_str(name)
+            bar.update()
 
-    step("import")
-    if not isinstance(model, ImportedModel):
-        model = load_onnx(model, input_shapes)
-    preset = targets.resolve(target)
-    step("compile")
-    executable = compile_module(model, preset)
-    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
-    with atomic_directory(out_dir) as stage:
-        step("link")
-        library = _export(executable, stage, preset)
-        write_manifest(stage, {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "edgeq_version": __version__,
-            "tvm_version": tvm.__version__,
-            "model": {"name": model.name, "sha256": model.sha256, "opset": model.opset},
-            "preset": preset.name,
-            "target": preset.target,
-            "host_target": preset.host,
-            "arch": preset.arch,
-            "features": list(preset.features),
-            "library": library,
-            "inputs": [s.to_dict() for s in model.inputs],
-            "outputs": [s.to_dict() for s in model.outputs],
-            "quantization": {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)},
-        })
-    step("verify")
-    artifact = Artifact.load(out_dir)
-    steps.close()
-    return artifact
+        yield step
