@@ -19,6 +19,23 @@ def digits_accuracy(artifact, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.array(predictions) == labels))
 
 
+def _onnxruntime_comparison(artifact, edgeq_ms: float) -> str:
+    """', onnxruntime X us (ratio)' when onnxruntime is installed (it is a test extra), else ''."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ""
+    session = ort.InferenceSession(str(DIGITS_MODEL), providers=["CPUExecutionProvider"])
+    feed = {artifact.inputs[0].name: np.zeros(artifact.inputs[0].shape, np.float32)}
+    session.run(None, feed)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        session.run(None, feed)
+        runs += 1
+    ort_ms = (time.perf_counter() - start) / runs * 1e3
+    return f"; onnxruntime {ort_ms * 1e3:.1f} us mean (edgeq/onnxruntime {edgeq_ms / ort_ms:.2f}x)"
+
+
 def run_demo(out_dir: str | None = None) -> dict:
     from . import build
     from .tensors import load_arrays
@@ -38,7 +55,8 @@ def run_demo(out_dir: str | None = None) -> dict:
           f"({m['target'].get('mcpu', m['arch'])}, {latency['threads']} threads)")
     print(f"  compiled  in {compile_s:.1f} s -> {artifact.path}")
     print(f"  accuracy  {accuracy:.2%} top-1 on {len(test['label'])} held-out test images")
-    print(f"  latency   {latency['mean_ms'] * 1e3:.1f} us mean, {latency['min_ms'] * 1e3:.1f} us min (batch 1)")
+    print(f"  latency   {latency['mean_ms'] * 1e3:.1f} us mean, {latency['min_ms'] * 1e3:.1f} us min (batch 1)"
+          + _onnxruntime_comparison(artifact, latency["mean_ms"]))
     print(f"  size      ONNX {report['onnx_bytes'] / 1e3:.1f} KB, fp32 weights {report['weight_bytes'] / 1e3:.1f} KB, "
           f"artifact {report['library_bytes'] / 1e3:.1f} KB")
     return report
