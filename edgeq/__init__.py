@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# TVM's runtime may start fewer threads than there are CPUs (1 of 2 on our 2-core CI machine): use all unless
+# the user chose (the pool reads this once, when the first parallel kernel runs).
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
 from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402
 from .errors import EdgeqError  # noqa: E402
