@@ -172,7 +172,7 @@ class Artifact:
             ms = np.array(timer("main").results) * 1e3
         return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)), "std_ms": float(ms.std()),
                 "min_ms": float(ms.min()), "max_ms": float(ms.max()), "repeat": repeat,
-                "threads": threads or os.cpu_count()}
+                "threads": threads or int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))}
 
 
 @contextlib.contextmanager

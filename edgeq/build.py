@@ -13,7 +13,7 @@ import targets
 
 from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, Artifact, atomic_directory, write_manifest
-from .errors import EdgeqError
+from .errors import EdgeqError, interruptible, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
 
 
@@ -62,7 +62,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
     """
     import tvm
 
-    with _stages(progress) as step:
+    with interruptible(), _stages(progress) as step:
         step("import")
         if not isinstance(model, ImportedModel):
             model = load_onnx(model, input_shapes)
@@ -102,6 +102,7 @@ def _stages(progress: bool):
               bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]") as bar:
 
         def step(name: str):
+            raise_if_interrupted()
             bar.set_description_str(name)
             bar.update()
 

@@ -75,26 +75,21 @@ def cmd_bench(args) -> None:
     _print_table(rows, ["threads", "mean ms", "median ms", "std ms", "min ms"])
 
 
-def _inspect_model(path: str, args) -> None:
-    import onnx
+def _inspect_model(path: str) -> None:
+    from .frontend import dtype_name, read_onnx, unsupported_ops
 
-    from .frontend import load_onnx, unsupported_ops
-    from .tensors import parse_input_shapes
-
-    model = load_onnx(path, parse_input_shapes(args.input_shape)) if args.input_shape else None
-    proto = model.onnx_model if model else onnx.load(path)
+    proto, _ = read_onnx(path)
     graph = proto.graph
     init = {t.name for t in graph.initializer}
     params = sum(int(np.prod(t.dims)) for t in graph.initializer)
     print(f"{path}: ONNX ir_version {proto.ir_version}, opsets "
           + ", ".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in proto.opset_import)
           + f", {len(graph.node)} nodes, {params:,} parameters")
-    for v in graph.input:
-        if v.name not in init:
-            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            print(f"  input  {v.name}: {onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)}{dims}")
-    for v in model.outputs if model else graph.output:
-        print(f"  output {v}" if model else f"  output {v.name}")
+    for kind, values in (("input ", [v for v in graph.input if v.name not in init]), ("output", graph.output)):
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value or "?" for d in t.shape.dim]
+            print(f"  {kind} {v.name}: {dtype_name(t.elem_type)}{dims}")
     print("  ops: " + ", ".join(f"{op}×{n}" for op, n in Counter(n.op_type for n in graph.node).most_common()))
     missing = unsupported_ops(proto)
     print("  unsupported: " + ("; ".join(f"{op} ({', '.join(nodes)})" for op, nodes in missing.items())
@@ -123,7 +118,7 @@ def cmd_inspect(args) -> None:
     if os.path.isdir(args.path):
         _inspect_artifact(args.path)
     elif os.path.isfile(args.path):
-        _inspect_model(args.path, args)
+        _inspect_model(args.path)
     else:
         raise EdgeqError(f"cannot read {args.path}: no such file or directory")
 
@@ -175,7 +170,6 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("inspect", cmd_inspect, "describe an ONNX model or verify and describe an artifact")
     p.add_argument("path", help="model.onnx or an artifact directory")
-    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
 
     p = command("targets", cmd_targets, "list device presets and whether their toolchain is installed")
     p.add_argument("--json", action="store_true", help="also print each preset's TVM target JSON")

@@ -3,8 +3,48 @@
 The CLI prints its message as one line and exits with code 2; anything else is an internal error (code 1).
 """
 
+import contextlib
+import signal
+import threading
+
 
 class EdgeqError(Exception):
     """A problem with the user's input, explained in one line."""
 
     exit_code = 2
+
+
+_interrupted = threading.Event()
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Make Ctrl-C stick during long TVM calls.
+
+    A KeyboardInterrupt raised inside a Python callback that TVM's C++ code invoked (a pass) comes back out
+    as a plain RuntimeError, or is swallowed by code that tolerates schedule errors. So the SIGINT handler
+    also sets a flag; `raise_if_interrupted` turns it back into KeyboardInterrupt at safe points.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except Exception:
+        raise_if_interrupted()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def raise_if_interrupted() -> None:
+    if _interrupted.is_set():
+        _interrupted.clear()
+        raise KeyboardInterrupt

@@ -31,6 +31,13 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def read_onnx(model) -> tuple[onnx.ModelProto, str]:
+    """A checked ModelProto and a name for it, from a path or a ModelProto."""
+    proto, name = _read(model)
+    _check(proto)
+    return proto, name
+
+
 def _read(model) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, model.graph.name or "model"
@@ -53,7 +60,8 @@ def _check(proto: onnx.ModelProto) -> None:
         raise EdgeqError(f"invalid ONNX model: {_one_line(e)}") from None
 
 
-def _dtype(elem_type: int) -> str:
+def dtype_name(elem_type: int) -> str:
+    """numpy dtype name of an ONNX tensor element type."""
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
@@ -88,7 +96,7 @@ def _fix_inputs(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> l
         for d, s in zip(dims, shape):
             d.Clear()
             d.dim_value = s
-        specs.append(TensorSpec(value.name, tuple(shape), _dtype(tensor.elem_type)))
+        specs.append(TensorSpec(value.name, tuple(shape), dtype_name(tensor.elem_type)))
     if unresolved:
         raise EdgeqError(f"dynamic input dims are not resolved: {'; '.join(u for u, _ in unresolved)}; "
                          f"fix them, e.g. {' '.join(fix for _, fix in unresolved)}")
@@ -140,8 +148,7 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
 
     input_shapes fixes dynamic dims, e.g. {"image": (1, 3, 224, 224)}.
     """
-    proto, name = _read(model)
-    _check(proto)
+    proto, name = read_onnx(model)
     serialized = proto.SerializeToString()
     proto = onnx.ModelProto.FromString(serialized)  # never modify the caller's proto
     inputs = _fix_inputs(proto.graph, dict(input_shapes or {}))

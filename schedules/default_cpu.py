@@ -33,6 +33,8 @@ from tvm.s_tir import Schedule
 from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
+from edgeq.errors import raise_if_interrupted
+
 # ScheduleError and the other FFI errors (InternalError, ...) are RuntimeErrors.
 # TypeError: int() of a symbolic (dynamic-shape) extent.
 _ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
@@ -70,6 +72,7 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
             try:
                 sch = _schedule_func(func, vector_bytes)
             except _ERRORS:
+                raise_if_interrupted()
                 continue
             updates[gvar] = sch.mod["main"].with_attr("tir.is_scheduled", True)
         for gvar, func in updates.items():
@@ -121,18 +124,14 @@ def _schedule_func(func: tirx.PrimFunc, vector_bytes: int) -> Schedule:
 
 def _guarded(sch: Schedule, name: str, schedule_block) -> Schedule:
     """Apply ``schedule_block`` on a copy; on failure only parallelise the block."""
-    trial = sch.copy()
-    try:
-        schedule_block(trial, trial.get_sblock(name))
-        return trial
-    except _ERRORS:
-        pass
-    trial = sch.copy()
-    try:
-        _parallel_outer(trial, trial.get_sblock(name))
-        return trial
-    except _ERRORS:
-        return sch
+    for attempt in (schedule_block, _parallel_outer):
+        trial = sch.copy()
+        try:
+            attempt(trial, trial.get_sblock(name))
+            return trial
+        except _ERRORS:
+            raise_if_interrupted()  # Ctrl-C inside a schedule primitive arrives as a RuntimeError
+    return sch
 
 
 def _root_block_names(sch: Schedule) -> list:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,6 +53,7 @@ def test_bench(cli, artifact_dir):
 def test_inspect_model_and_artifact(cli, model_file, artifact_dir):
     code, out, _ = cli("inspect", model_file)
     assert code == 0 and "input  x: float32['batch', 3, 16, 16]" in out and "unsupported: none" in out
+    assert "output out: float32['batch', 10]" in out
     code, out, _ = cli("inspect", artifact_dir)
     assert code == 0 and "checksums ok" in out and "input   x: float32[2, 3, 16, 16]" in out
 
@@ -123,3 +125,29 @@ def test_console_script_exit_codes(tmp_path):
     assert ok.returncode == 0 and "rpi4" in ok.stdout
     bad = subprocess.run(edgeq_bin + ["run", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("edgeq: error:")
+
+
+def test_inspect_lists_unsupported_ops(cli, tmp_path):
+    path = tmp_path / "unsupported.onnx"
+    onnx.save(zoo.unsupported_ops_model(), path)
+    code, out, _ = cli("inspect", path)
+    assert code == 0 and "unsupported: QLinearConv (qconv_a, qconv_b); Celu (celu_c)" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import models
+
+    onnx.save(models.mobilenet_v2(), tmp_path / "mbv2.onnx")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "compile", str(tmp_path / "mbv2.onnx"),
+                             "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    assert proc.poll() is None, "compile finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().endswith("edgeq: interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbv2.onnx"]
