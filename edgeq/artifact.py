@@ -23,6 +23,7 @@ from .tensors import TensorSpec, match_inputs, random_inputs
 FORMAT = "edgeq-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SOURCE_MODEL = "source.onnx"  # the model as given, for host reference builds (deploy, eval)
 _HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
     platform.machine().lower(), platform.machine())
 

@@ -12,7 +12,7 @@ import onnx
 import targets
 
 from . import __version__
-from .artifact import FORMAT, FORMAT_VERSION, Artifact, atomic_directory, write_manifest
+from .artifact import FORMAT, FORMAT_VERSION, SOURCE_MODEL, Artifact, atomic_directory, write_manifest
 from .errors import EdgeqError, interruptible, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
 
@@ -73,6 +73,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
         with atomic_directory(out_dir) as stage:
             step("link")
             library = _export(executable, stage, preset)
+            (stage / SOURCE_MODEL).write_bytes(model.source)
             write_manifest(stage, {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,

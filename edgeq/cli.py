@@ -134,6 +134,54 @@ def cmd_targets(args) -> None:
         print(json.dumps({p.name: {"target": p.target, "host": p.host} for p in targets.all_presets()}, indent=2))
 
 
+def _device(args):
+    from .deploy.rpc import Device
+
+    return Device(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
+
+
+def cmd_deploy(args) -> None:
+    from .deploy.rpc import deploy
+    from .tensors import load_arrays
+
+    report = deploy(args.artifact, _device(args), load_arrays(args.input) if args.input else None,
+                    repeat=args.repeat, compare=not args.no_compare)
+    lat = report.latency_ms
+    print(f"deployed {args.artifact} to {report.device} ({report.arch}): upload {report.upload_s:.2f} s")
+    print(f"  latency  {lat['mean_ms']:.3f} ms mean, {lat['median_ms']:.3f} median, {lat['std_ms']:.3f} std, "
+          f"{lat['min_ms']:.3f} min over {lat['repeat']} repeats (on the device)")
+    if report.reference:
+        errors = ", ".join(f"{k} {v:.3g}" for k, v in report.max_error.items())
+        print(f"  match    {'yes' if report.match else 'NO'} vs host build (max abs error {errors})")
+        if not report.match:
+            raise EdgeqError(f"device outputs differ from the host build (max abs error {errors})")
+
+
+def cmd_device(args) -> None:
+    if args.action == "list":
+        from .deploy.rpc import tracker_keys
+
+        if not args.tracker:
+            raise EdgeqError("device list needs --tracker HOST:PORT")
+        rows = [[key, info.get("free", 0), info.get("pending", 0)] for key, info in tracker_keys(args.tracker).items()]
+        _print_table(rows, ["key", "free", "pending"])
+        return
+    from .deploy import emulate
+
+    if args.action == "emulate":
+        dev = emulate.emulate(args.board, port=args.port or 9090, tracker=args.tracker, key=args.key)
+        via = f"; registered with tracker {dev.tracker} as {dev.key!r}" if dev.tracker else ""
+        print(f"emulated {dev.board} ({emulate.BOARDS[dev.board]}) listening on {dev.host}:{dev.port}{via}")
+        print(f"  deploy with: edgeq deploy DIR --rpc {dev.host}:{dev.port}"
+              + (f"  or  --tracker {dev.tracker} --key {dev.key}" if dev.tracker else ""))
+    elif args.action == "stop":
+        stopped = emulate.stop(args.port)
+        print("stopped " + (", ".join(f"{d.board}@{d.port}" for d in stopped) if stopped else "nothing"))
+    elif args.action == "tracker":
+        emulate.start_tracker(args.port or 9190)
+        print(f"tracker listening on 127.0.0.1:{args.port or 9190}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -173,6 +221,23 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("targets", cmd_targets, "list device presets and whether their toolchain is installed")
     p.add_argument("--json", action="store_true", help="also print each preset's TVM target JSON")
+
+    p = command("deploy", cmd_deploy, "run an artifact on a device over TVM RPC, compare with a host build, time it")
+    p.add_argument("artifact")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="a TVM RPC server (no authentication: use trusted networks)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker")
+    p.add_argument("--key", help="the device key registered with the tracker")
+    p.add_argument("--input", help="inputs as .npz; default: random")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds for each step on the device")
+    p.add_argument("--no-compare", action="store_true", help="skip the host reference build")
+
+    p = command("device", cmd_device, "emulated devices and a local tracker: emulate, stop, tracker, list")
+    p.add_argument("action", choices=["emulate", "stop", "tracker", "list"])
+    p.add_argument("board", nargs="?", default="rpi4", help="rpi3, rpi4 or rpi5 (for emulate)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (emulate: 9090, tracker: 9190)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="register with (emulate) or query (list) this tracker")
+    p.add_argument("--key", help="device key to register under (default: the board name)")
 
     p = command("demo", cmd_demo, "compile the bundled digits model for this machine, test and time it")
     p.add_argument("-o", "--output", help="keep the artifact in this directory")

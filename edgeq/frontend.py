@@ -25,6 +25,7 @@ class ImportedModel:
     name: str
     sha256: str
     opset: int
+    source: bytes  # the ONNX file as given: shipped in the artifact to build host references from
 
 
 def _one_line(error: Exception) -> str:
@@ -169,4 +170,4 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     except Exception as e:  # the converter raises ValueError/TVMError/OpNotImplemented on unsupported attributes
         raise EdgeqError(f"TVM could not import the model: {_one_line(e)}") from None
     digest = hashlib.sha256(serialized).hexdigest()
-    return ImportedModel(mod, inputs, _output_specs(mod, proto.graph), proto, name, digest, opset)
+    return ImportedModel(mod, inputs, _output_specs(mod, proto.graph), proto, name, digest, opset, serialized)

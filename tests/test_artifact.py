@@ -35,8 +35,9 @@ def test_manifest_describes_the_build(built):
                            {"name": "y", "shape": [8, 1, 1], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "out", "shape": [1, 8, 12, 12], "dtype": "float32"}]
     assert m["quantization"]["mode"] == "fp32"
-    assert m["files"] == {"model.so": sha256_file(built.path / "model.so")}
-    assert {p.name for p in built.path.iterdir()} == {"model.so", MANIFEST}
+    assert m["files"] == {"model.so": sha256_file(built.path / "model.so"),
+                          "source.onnx": m["model"]["sha256"]}
+    assert {p.name for p in built.path.iterdir()} == {"model.so", "source.onnx", MANIFEST}
 
 
 def test_corrupted_library_is_refused(copy):
