@@ -157,6 +157,13 @@ def cmd_deploy(args) -> None:
             raise EdgeqError(f"device outputs differ from the host build (max abs error {errors})")
 
 
+def cmd_package(args) -> None:
+    from .deploy.package import package
+
+    out = package(args.artifact, args.output or f"{Path(args.artifact).resolve().name}.tar.gz")
+    print(f"wrote {out} ({_mb(out.stat().st_size)}): copy it to the device and follow DEVICE.md inside")
+
+
 def cmd_device(args) -> None:
     if args.action == "list":
         from .deploy.rpc import tracker_keys
@@ -231,6 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for each step on the device")
     p.add_argument("--no-compare", action="store_true", help="skip the host reference build")
+
+    p = command("package", cmd_package, "bundle an artifact, a runner script and device instructions in a tarball")
+    p.add_argument("artifact")
+    p.add_argument("-o", "--output", help="tarball to write (default: ARTIFACT.tar.gz)")
 
     p = command("device", cmd_device, "emulated devices and a local tracker: emulate, stop, tracker, list")
     p.add_argument("action", choices=["emulate", "stop", "tracker", "list"])
