@@ -159,9 +159,7 @@ class Artifact:
     def run(self, inputs) -> dict[str, np.ndarray]:
         """Execute once; inputs by name (dict), in order (list) or a single array. Returns outputs by name."""
         vm, _, tensors = self._tensors(inputs)
-        result = vm["main"](*tensors)
-        values = [result] if len(self.outputs) == 1 else list(result)
-        return {spec.name: v.numpy() for spec, v in zip(self.outputs, values)}
+        return outputs_by_name(self.outputs, vm["main"](*tensors))
 
     def benchmark(self, inputs=None, repeat: int = 20, min_repeat_ms: int = 20, threads: int | None = None) -> dict:
         """Latency statistics in ms over `repeat` measurements (each averaged over >= min_repeat_ms of runs)."""
@@ -170,10 +168,21 @@ class Artifact:
             vm.set_input("main", *tensors)
             vm.invoke_stateful("main")  # warm-up: page in weights, spin up the thread pool
             timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
-            ms = np.array(timer("main").results) * 1e3
-        return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)), "std_ms": float(ms.std()),
-                "min_ms": float(ms.min()), "max_ms": float(ms.max()), "repeat": repeat,
-                "threads": threads or int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))}
+            stats = latency_stats(timer("main").results)
+        return {**stats, "threads": threads or int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))}
+
+
+def outputs_by_name(specs: list[TensorSpec], result) -> dict[str, np.ndarray]:
+    """The VM returns one tensor or a tuple; name them as the manifest does."""
+    values = [result] if len(specs) == 1 else list(result)
+    return {spec.name: v.numpy() for spec, v in zip(specs, values)}
+
+
+def latency_stats(seconds) -> dict:
+    """Summary in ms of time_evaluator results (one entry per repeat)."""
+    ms = np.array(seconds) * 1e3
+    return {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)), "std_ms": float(ms.std()),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "repeat": len(ms)}
 
 
 @contextlib.contextmanager

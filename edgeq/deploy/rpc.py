@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifact import SOURCE_MODEL, Artifact
+from ..artifact import SOURCE_MODEL, Artifact, latency_stats, outputs_by_name
 from ..errors import EdgeqError
 from ..tensors import match_inputs, random_inputs
 
@@ -157,15 +157,10 @@ def _run_remote(session, artifact: Artifact, arrays: list[np.ndarray], repeat: i
     dev = session.cpu() if artifact.manifest["target"]["kind"] == "llvm" else session.cuda()
     vm = relax.VirtualMachine(session.load_module(artifact.library.name), dev)
     tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
-    result = vm["main"](*tensors)
-    values = [result] if len(artifact.outputs) == 1 else list(result)
-    outputs = {spec.name: v.numpy() for spec, v in zip(artifact.outputs, values)}
+    outputs = outputs_by_name(artifact.outputs, vm["main"](*tensors))
     vm.set_input("main", *tensors)
     timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=10)
-    ms = np.array(timer("main").results) * 1e3
-    latency = {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)), "std_ms": float(ms.std()),
-               "min_ms": float(ms.min()), "max_ms": float(ms.max()), "repeat": repeat}
-    return outputs, latency, upload_s
+    return outputs, latency_stats(timer("main").results), upload_s
 
 
 def deploy(artifact_dir, device: Device, inputs=None, repeat: int = 10, compare: bool = True) -> DeployReport:
