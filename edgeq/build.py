@@ -43,6 +43,40 @@ def _export(executable, stage: Path, preset: targets.Preset) -> dict:
     return {"file": "model.so", "kind": "shared", "linker": os.path.basename(compiler)}
 
 
+def _cuda_summary(executable, target) -> dict | None:
+    """For GPU builds: how the kernels ship, and whether nvcc accepts them for the preset's architecture.
+
+    TVM 0.27 embeds the CUDA C source in model.so and compiles it when the library is loaded (NVRTC, or nvcc
+    with TVM_CUDA_COMPILE_MODE=nvcc); compiling it here with nvcc catches code the device could not build.
+    """
+    import shutil
+
+    sources = [m.inspect_source("") for m in _modules(executable.mod) if m.kind == "cuda"]
+    if not sources:
+        return None
+    arch = str(target.attrs["arch"])
+    summary = {"arch": arch, "kernels": "CUDA C source, compiled on the device at load time (NVRTC or nvcc)",
+               "source_bytes": sum(map(len, sources)), "nvcc_check": "skipped: nvcc not found"}
+    if shutil.which("nvcc"):
+        from tvm.support import nvcc
+
+        try:
+            with target:
+                binary = b"".join(bytes(nvcc.compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc"))
+                                  for src in sources)
+        except RuntimeError as e:
+            raise EdgeqError(f"nvcc rejected the generated CUDA code for {arch}: {' '.join(str(e).split())[-300:]}") \
+                from None
+        summary["nvcc_check"] = f"ok: {len(binary)} bytes of {arch} fatbin"
+    return summary
+
+
+def _modules(module):
+    yield module
+    for child in module.imports:
+        yield from _modules(child)
+
+
 def compile_module(model: ImportedModel, preset: targets.Preset):
     """Graph passes, lowering and code generation: the in-memory executable."""
     import tvm
@@ -51,7 +85,8 @@ def compile_module(model: ImportedModel, preset: targets.Preset):
 
     target = targets.tvm_target(preset)
     mod = pipeline.optimize(model.mod)
-    return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
+    with target:  # TVM's CUDA codegen callbacks read the architecture from the current target
+        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
 
 
 def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,
@@ -73,6 +108,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
         with atomic_directory(out_dir) as stage:
             step("link")
             library = _export(executable, stage, preset)
+            cuda = _cuda_summary(executable, targets.tvm_target(preset)) if preset.is_gpu else None
             (stage / SOURCE_MODEL).write_bytes(model.source)
             write_manifest(stage, {
                 "format": FORMAT,
@@ -89,6 +125,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
                 "inputs": [s.to_dict() for s in model.inputs],
                 "outputs": [s.to_dict() for s in model.outputs],
                 "quantization": {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)},
+                **({"cuda": cuda} if cuda else {}),
             })
         step("verify")
         return Artifact.load(out_dir)

@@ -110,6 +110,8 @@ def _inspect_artifact(path: str) -> None:
         print(f"  input   {s['name']}: {s['dtype']}{s['shape']}")
     for s in m["outputs"]:
         print(f"  output  {s['name']}: {s['dtype']}{s['shape']}")
+    if "cuda" in m:
+        print(f"  cuda    {m['cuda']['arch']}: {m['cuda']['kernels']}; nvcc check {m['cuda']['nvcc_check']}")
     q = m["quantization"]
     print(f"  weights {q['mode']}: " + ", ".join(f"{k} {_mb(v)}" for k, v in q["weight_bytes"].items()))
 

@@ -1,6 +1,5 @@
 """Presets: every one makes a valid TVM target; cross builds produce the right ELF; host detection."""
 
-import importlib
 import struct
 
 import pytest
@@ -93,20 +92,19 @@ def test_android_without_ndk_ships_objects(tmp_path, monkeypatch):
         artifact.run(zoo.random_inputs(zoo.ZOO["conv"]()))
 
 
-def test_cuda_build_generates_kernels(tmp_path):
+@pytest.mark.parametrize("preset, arch", [("cuda-sm80", "x86_64"), ("jetson-orin", "aarch64")])
+def test_cuda_build_generates_kernels_that_nvcc_compiles(preset, arch, tmp_path):
     import tvm
 
-    model = edgeq.load_onnx(zoo.ZOO["conv"]())
-    executable = importlib.import_module("edgeq.build").compile_module(model, targets.PRESETS["cuda-sm80"])
-    kinds = []
-    stack = [executable.mod]
-    while stack:
-        module = stack.pop()
-        kinds.append(module.kind)
-        stack.extend(module.imports)
-    assert "cuda" in kinds
-    artifact = edgeq.build(model, "cuda-sm80", tmp_path / "cuda")
-    assert elf_header(artifact.library)[1] == ELF_MACHINE["x86_64"]
+    if preset == "jetson-orin":
+        require_tool("aarch64-linux-gnu-gcc")
+    require_tool("nvcc")
+    artifact = edgeq.build(zoo.ZOO["conv"](), preset, tmp_path / preset)
+    cuda = artifact.manifest["cuda"]
+    assert cuda["arch"] == targets.PRESETS[preset].target["arch"] and cuda["source_bytes"] > 0
+    assert cuda["nvcc_check"].startswith("ok: ") and cuda["nvcc_check"].endswith(f"{cuda['arch']} fatbin")
+    assert b"__global__" in artifact.library.read_bytes()
+    assert elf_header(artifact.library)[1] == ELF_MACHINE[arch]
     if not tvm.cuda(0).exist:
-        with pytest.raises(EdgeqError, match="needs a CUDA GPU"):
+        with pytest.raises(EdgeqError, match="needs a CUDA GPU|built for"):
             artifact.run(zoo.random_inputs(zoo.ZOO["conv"]()))
