@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeqError
+from .errors import EdgeqError, one_line
 from .tensors import TensorSpec, match_inputs, random_inputs
 
 FORMAT = "edgeq-artifact"
@@ -145,7 +145,7 @@ class Artifact:
             try:
                 lib = tvm.runtime.load_module(str(self.library))
             except Exception as e:  # an unloadable .so: wrong libc, missing symbols
-                raise EdgeqError(f"cannot load {self.library}: {' '.join(str(e).split())}") from None
+                raise EdgeqError(f"cannot load {self.library}: {one_line(e)}") from None
             self._vm = (relax.VirtualMachine(lib, dev), dev)
         return self._vm
 

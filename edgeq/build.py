@@ -13,7 +13,7 @@ import targets
 
 from . import __version__
 from .artifact import FORMAT, FORMAT_VERSION, SOURCE_MODEL, Artifact, atomic_directory, write_manifest
-from .errors import EdgeqError, interruptible, raise_if_interrupted
+from .errors import EdgeqError, interruptible, one_line, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
 
 
@@ -39,7 +39,7 @@ def _export(executable, stage: Path, preset: targets.Preset) -> dict:
     try:
         executable.export_library(str(stage / "model.so"), fcompile=cc.cross_compiler(compiler))
     except RuntimeError as e:
-        raise EdgeqError(f"linking model.so with {compiler} failed: {' '.join(str(e).split())[-400:]}") from None
+        raise EdgeqError(f"linking model.so with {compiler} failed: {one_line(e)}") from None
     return {"file": "model.so", "kind": "shared", "linker": os.path.basename(compiler)}
 
 
@@ -65,8 +65,7 @@ def _cuda_summary(executable, target) -> dict | None:
                 binary = b"".join(bytes(nvcc.compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc"))
                                   for src in sources)
         except RuntimeError as e:
-            raise EdgeqError(f"nvcc rejected the generated CUDA code for {arch}: {' '.join(str(e).split())[-300:]}") \
-                from None
+            raise EdgeqError(f"nvcc rejected the generated CUDA code for {arch}: {one_line(e)}") from None
         summary["nvcc_check"] = f"ok: {len(binary)} bytes of {arch} fatbin"
     return summary
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeqError
+from .errors import EdgeqError, one_line
 
 
 def _print_table(rows: list[list], header: list[str]) -> None:
@@ -273,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in edgeq or TVM: say so, keep the traceback behind --verbose
         if args.verbose:
             traceback.print_exc()
-        first = " ".join(str(e).split())[:300]
-        print(f"edgeq: internal error: {type(e).__name__}: {first} (rerun with --verbose for the traceback)",
+        print(f"edgeq: internal error: {type(e).__name__}: {one_line(e)} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 1
 

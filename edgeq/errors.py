@@ -14,6 +14,12 @@ class EdgeqError(Exception):
     exit_code = 2
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line; long TVM messages keep their end, where the reason is."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
 _interrupted = threading.Event()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import EdgeqError
+from .errors import EdgeqError, one_line
 from .tensors import TensorSpec
 
 
@@ -26,10 +26,6 @@ class ImportedModel:
     sha256: str
     opset: int
     source: bytes  # the ONNX file as given: shipped in the artifact to build host references from
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def read_onnx(model) -> tuple[onnx.ModelProto, str]:
@@ -48,7 +44,7 @@ def _read(model) -> tuple[onnx.ModelProto, str]:
     try:
         proto = onnx.load(path)
     except Exception as e:  # protobuf DecodeError, missing external data, permissions
-        raise EdgeqError(f"cannot read {path} as ONNX: {_one_line(e)}") from None
+        raise EdgeqError(f"cannot read {path} as ONNX: {one_line(e)}") from None
     if not proto.graph.output:
         raise EdgeqError(f"{path} is not an ONNX model (no graph outputs)")
     return proto, os.path.splitext(os.path.basename(path))[0]
@@ -58,7 +54,7 @@ def _check(proto: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise EdgeqError(f"invalid ONNX model: {_one_line(e)}") from None
+        raise EdgeqError(f"invalid ONNX model: {one_line(e)}") from None
 
 
 def dtype_name(elem_type: int) -> str:
@@ -156,7 +152,7 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as e:  # InferenceError, or a checker error raised during inference
-        raise EdgeqError(f"ONNX shape inference failed: {_one_line(e)}") from None
+        raise EdgeqError(f"ONNX shape inference failed: {one_line(e)}") from None
     missing = unsupported_ops(proto)
     if missing:
         listing = "; ".join(f"{op} (nodes: {', '.join(nodes)})" for op, nodes in sorted(missing.items()))
@@ -168,6 +164,6 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
         mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
                         dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False)
     except Exception as e:  # the converter raises ValueError/TVMError/OpNotImplemented on unsupported attributes
-        raise EdgeqError(f"TVM could not import the model: {_one_line(e)}") from None
+        raise EdgeqError(f"TVM could not import the model: {one_line(e)}") from None
     digest = hashlib.sha256(serialized).hexdigest()
     return ImportedModel(mod, inputs, _output_specs(mod, proto.graph), proto, name, digest, opset, serialized)

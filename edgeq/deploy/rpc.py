@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..artifact import SOURCE_MODEL, Artifact, latency_stats, outputs_by_name
-from ..errors import EdgeqError
+from ..errors import EdgeqError, one_line
 from ..tensors import match_inputs, random_inputs
 
 # Output agreement between device and host build, per artifact precision: (rtol, atol relative to max |ref|)
@@ -98,7 +98,7 @@ class Device:
 
 
 def _connection_reason(error: Exception) -> str:
-    text = " ".join(str(error).split())
+    text = one_line(error, limit=10_000)
     if "Connect to" in text and "failed" in text or "refused" in text.lower():
         return "connection refused"
     return text.split("Check failed:")[-1].strip()[-200:]
@@ -112,7 +112,7 @@ def tracker_keys(tracker: str, timeout: float = 10.0) -> dict[str, dict]:
     try:
         summary = with_timeout(timeout, f"asking tracker {host}:{port}", lambda: rpc.connect_tracker(host, port).summary())
     except (OSError, RuntimeError) as e:
-        raise EdgeqError(f"cannot reach tracker {host}:{port}: {' '.join(str(e).split())[-200:]}") from None
+        raise EdgeqError(f"cannot reach tracker {host}:{port}: {one_line(e, 200)}") from None
     return {key: info for key, info in summary.get("queue_info", {}).items()}
 
 
