@@ -56,7 +56,7 @@ PRESETS: dict[str, Preset] = {
                package="gcc-aarch64-linux-gnu", arch="aarch64", features=("neon", "dotprod")),
         Preset("android-arm64", "Android phone, arm64-v8a (links with the NDK clang)",
                {"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]}, compiler="ndk",
-               package="Android NDK (set ANDROID_NDK_HOME or TVM_NDK_CC; not in Debian)", threads=8,
+               package="the Android NDK: set ANDROID_NDK_HOME or TVM_NDK_CC", threads=8,
                arch="aarch64", features=("neon",)),
         Preset("jetson-orin", "NVIDIA Jetson Orin (CUDA sm_87, Cortex-A78AE host)",
                **_cuda("sm_87", {**_A64, "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]},

@@ -40,7 +40,7 @@ def toolchain_status(preset: Preset) -> str:
     compiler = find_compiler(preset)
     if compiler is None:
         hint = preset.package if preset.compiler == "ndk" else f"apt-get install {preset.package}"
-        return f"missing ({hint}); builds give model.tar"
+        return f"missing: {hint} (until then: model.tar)"
     status = f"ok ({os.path.basename(compiler)})"
     if preset.is_gpu:
         status += ", nvcc " + ("found" if shutil.which("nvcc") else "missing")

@@ -87,7 +87,7 @@ def test_android_without_ndk_ships_objects(tmp_path, monkeypatch):
     artifact = edgeq.build(zoo.ZOO["conv"](), "android-arm64", tmp_path / "android")
     library = artifact.manifest["library"]
     assert (library["file"], library["kind"]) == ("model.tar", "objects")
-    assert "Android NDK" in library["note"]
+    assert "Android NDK" in library["note"] and "ANDROID_NDK_HOME" in library["note"]
     with pytest.raises(EdgeqError, match="holds object files"):
         artifact.run(zoo.random_inputs(zoo.ZOO["conv"]()))
 
