@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,8 +23,6 @@ FORMAT = "edgeq-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SOURCE_MODEL = "source.onnx"  # the model as given, for host reference builds (deploy, eval)
-_HOST_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
-    platform.machine().lower(), platform.machine())
 
 
 def sha256_file(path: Path) -> str:
@@ -123,12 +120,14 @@ class Artifact:
     def _device(self):
         import tvm
 
+        from targets.detect import host_arch
+
         m = self.manifest
         if m["library"]["kind"] != "shared":
             raise EdgeqError(f"{self.path} holds object files ({m['library']['file']}), not a loadable library: "
                              f"link it on the device ({m['library'].get('note', '')})")
-        if m["arch"] != _HOST_ARCH:
-            raise EdgeqError(f"{self.path} was built for {m['arch']} ({m['preset']}), this machine is {_HOST_ARCH}; "
+        if m["arch"] != host_arch():
+            raise EdgeqError(f"{self.path} was built for {m['arch']} ({m['preset']}), this machine is {host_arch()}; "
                              f"run it on the device (edgeq deploy)")
         if m["target"]["kind"] == "cuda":
             if not tvm.cuda(0).exist:

@@ -32,12 +32,17 @@ def cpu_features(cpuinfo: str | None = None) -> tuple[str, ...]:
     return tuple(sorted({name for flag, name in _CPU_FLAGS.items() if flag in flags}))
 
 
+def host_arch() -> str:
+    """This machine's architecture, named as presets and manifests name it."""
+    return _ARCH.get(platform.machine().lower(), platform.machine())
+
+
 def host_preset() -> Preset:
     """The `host` preset: this CPU's LLVM name, triple, core count and features."""
     from tvm.target import codegen
 
     mcpu = codegen.llvm_get_system_cpu()
-    arch = _ARCH.get(platform.machine().lower(), platform.machine())
+    arch = host_arch()
     # LLVM's own triple may carry its build vendor (x86_64-conda-linux-gnu); the system linker wants the plain one
     target = {"kind": "llvm", "mtriple": f"{arch}-linux-gnu", "num-cores": os.cpu_count() or 1}
     if mcpu and mcpu != "generic":
