@@ -168,7 +168,7 @@ class Artifact:
             vm.invoke_stateful("main")  # warm-up: page in weights, spin up the thread pool
             timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
             stats = latency_stats(timer("main").results)
-        return {**stats, "threads": threads or int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))}
+        return {**stats, "threads": threads or default_threads()}
 
 
 def outputs_by_name(specs: list[TensorSpec], result) -> dict[str, np.ndarray]:
@@ -184,6 +184,11 @@ def latency_stats(seconds) -> dict:
             "min_ms": float(ms.min()), "max_ms": float(ms.max()), "repeat": len(ms)}
 
 
+def default_threads() -> int:
+    """The TVM thread pool's size outside `thread_count` (edgeq sets TVM_NUM_THREADS unless the user did)."""
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
 @contextlib.contextmanager
 def thread_count(threads: int | None):
     """Run the TVM thread pool with `threads` workers inside the block (None: leave it as it is)."""
@@ -197,7 +202,7 @@ def thread_count(threads: int | None):
     try:
         yield
     finally:
-        config(1, os.cpu_count() or 1)
+        config(1, default_threads())
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -113,7 +113,7 @@ def tracker_keys(tracker: str, timeout: float = 10.0) -> dict[str, dict]:
         summary = with_timeout(timeout, f"asking tracker {host}:{port}", lambda: rpc.connect_tracker(host, port).summary())
     except (OSError, RuntimeError) as e:
         raise EdgeqError(f"cannot reach tracker {host}:{port}: {one_line(e, 200)}") from None
-    return {key: info for key, info in summary.get("queue_info", {}).items()}
+    return dict(summary.get("queue_info", {}))
 
 
 def remote_arch(session) -> str:
