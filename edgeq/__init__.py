@@ -12,5 +12,7 @@ from .artifact import Artifact  # noqa: E402
 from .build import build  # noqa: E402
 from .errors import EdgeqError  # noqa: E402
 from .frontend import ImportedModel, load_onnx  # noqa: E402
+from .quantize import QuantizedModel, quantize  # noqa: E402
 
-__all__ = ["Artifact", "EdgeqError", "ImportedModel", "build", "load_onnx", "__version__"]
+__all__ = ["Artifact", "EdgeqError", "ImportedModel", "QuantizedModel", "build", "load_onnx", "quantize",
+           "__version__"]

@@ -23,6 +23,7 @@ FORMAT = "edgeq-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SOURCE_MODEL = "source.onnx"  # the model as given, for host reference builds (deploy, eval)
+QUANTIZED_MODEL = "quantized.onnx"  # int8 artifacts: the QDQ model the integer kernels were realized from
 
 
 def sha256_file(path: Path) -> str:
@@ -208,4 +209,11 @@ def thread_count(threads: int | None):
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -12,7 +12,7 @@ import onnx
 import targets
 
 from . import __version__
-from .artifact import FORMAT, FORMAT_VERSION, SOURCE_MODEL, Artifact, atomic_directory, write_manifest
+from .artifact import FORMAT, FORMAT_VERSION, QUANTIZED_MODEL, SOURCE_MODEL, Artifact, atomic_directory, write_manifest
 from .errors import EdgeqError, interruptible, one_line, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
 
@@ -24,6 +24,17 @@ def _weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
         arr = onnx.numpy_helper.to_array(t)
         sizes[arr.dtype.name] = sizes.get(arr.dtype.name, 0) + arr.nbytes
     return sizes
+
+
+def _quantization_summary(model: ImportedModel, quantized) -> dict:
+    from relay_passes.quantize import is_quantized
+
+    if quantized is not None:
+        return {**quantized.summary(), "weight_bytes": _weight_bytes(quantized.qdq)}
+    if is_quantized(model.onnx_model):
+        return {"mode": "int8", "source": "pre-quantized (QDQ/QLinear ONNX)",
+                "weight_bytes": _weight_bytes(model.onnx_model)}
+    return {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)}
 
 
 def _export(executable, stage: Path, preset: targets.Preset) -> dict:
@@ -76,39 +87,67 @@ def _modules(module):
         yield from _modules(child)
 
 
-def compile_module(model: ImportedModel, preset: targets.Preset):
-    """Graph passes, lowering and code generation: the in-memory executable."""
+def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
+    """Graph passes, lowering and code generation: the in-memory executable.
+
+    A QDQ model (given, or the imported model itself when it is pre-quantized) is realized into integer kernels.
+    """
     import tvm
     from relay_passes import pipeline
+    from relay_passes.quantize import is_quantized, realize, realize_onnx
     from schedules.lowering import lowering_pipeline
 
     target = targets.tvm_target(preset)
-    mod = pipeline.optimize(model.mod)
+    if qdq is None and is_quantized(model.onnx_model):
+        qdq = model.onnx_model
+    mod = model.mod if qdq is None else realize_onnx(qdq, realize.activation_dtype(target))
+    mod = pipeline.optimize(mod)
     with target:  # TVM's CUDA codegen callbacks read the architecture from the current target
         return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
 
 
 def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,
-          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False) -> Artifact:
-    """Compile an ONNX model (path, ModelProto or ImportedModel) for a target preset into an artifact dir.
+          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
+          quantize: str | None = None, calibration=None, calib_method: str = "minmax",
+          exclude: tuple[str, ...] = (), per_channel: bool = True, **calib_options) -> Artifact:
+    """Compile an ONNX model (path, ModelProto, ImportedModel or edgeq.QuantizedModel) into an artifact dir.
 
+    quantize="int8" calibrates on `calibration` first (see edgeq.quantize for the options); a model that is
+    already quantized (QDQ / QLinear ops) is compiled to integer kernels as it is.
     Without out_dir the artifact goes to a fresh temporary directory.
     """
     import tvm
 
-    with interruptible(), _stages(progress) as step:
+    from .quantize import MODES, QuantizedModel
+    from .quantize import quantize as quantize_model
+
+    if quantize is not None and quantize not in MODES:
+        raise EdgeqError(f"unknown quantization {quantize!r}; supported: {', '.join(MODES)}")
+    if quantize is not None and calibration is None:
+        raise EdgeqError(f"--quantize {quantize} needs calibration data (--calib)")
+    with interruptible(), _stages(progress, 5 if quantize else 4) as step:
         step("import")
-        if not isinstance(model, ImportedModel):
+        quantized = model if isinstance(model, QuantizedModel) else None
+        if quantized is not None:
+            model = quantized.source
+        elif not isinstance(model, ImportedModel):
             model = load_onnx(model, input_shapes)
         preset = targets.resolve(target)
+        if quantize is not None and quantized is None:
+            step("calibrate")
+            quantized = quantize_model(model, calibration, calib_method, exclude, per_channel,
+                                       progress=progress, **calib_options)
         step("compile")
-        executable = compile_module(model, preset)
+        qdq = quantized.qdq if quantized is not None else None
+        executable = compile_module(model, preset, qdq)
         out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
         with atomic_directory(out_dir) as stage:
             step("link")
             library = _export(executable, stage, preset)
             cuda = _cuda_summary(executable, targets.tvm_target(preset)) if preset.is_gpu else None
             (stage / SOURCE_MODEL).write_bytes(model.source)
+            if qdq is not None:
+                (stage / QUANTIZED_MODEL).write_bytes(qdq.SerializeToString())
             write_manifest(stage, {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -123,7 +162,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
                 "library": library,
                 "inputs": [s.to_dict() for s in model.inputs],
                 "outputs": [s.to_dict() for s in model.outputs],
-                "quantization": {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)},
+                "quantization": _quantization_summary(model, quantized),
                 **({"cuda": cuda} if cuda else {}),
             })
         step("verify")
@@ -131,11 +170,11 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
 
 
 @contextlib.contextmanager
-def _stages(progress: bool):
+def _stages(progress: bool, total: int):
     """A stage counter on stderr (terminals only); cleared on exit so errors print on a clean line."""
     from tqdm import tqdm
 
-    with tqdm(total=4, disable=None if progress else True, leave=False, unit="stage",
+    with tqdm(total=total, disable=None if progress else True, leave=False, unit="stage",
               bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}]") as bar:
 
         def step(name: str):

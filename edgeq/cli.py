@@ -1,4 +1,4 @@
-"""The `edgeq` command: compile, run, bench, inspect, targets, demo.
+"""The `edgeq` command: compile, run, bench, eval, inspect, targets, demo.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error (--verbose for the traceback).
 """
@@ -35,10 +35,20 @@ def cmd_compile(args) -> None:
     from . import build
     from .tensors import parse_input_shapes
 
+    options = {"percentile": args.percentile} if args.percentile is not None else {}
+    if args.percentile is not None and args.calib_method != "percentile":
+        raise EdgeqError("--percentile applies to --calib-method percentile only")
     artifact = build(args.model, target=args.target, out_dir=args.output,
-                     input_shapes=parse_input_shapes(args.input_shape), progress=True)
+                     input_shapes=parse_input_shapes(args.input_shape), progress=True,
+                     quantize=args.quantize, calibration=args.calib, calib_method=args.calib_method,
+                     exclude=tuple(x for item in args.exclude or [] for x in item.split(",") if x),
+                     per_channel=not args.per_tensor, **options)
     m = artifact.manifest
-    print(f"wrote {artifact.path} ({m['preset']}, {m['arch']}, {m['library']['file']} {_mb(artifact.size_bytes())})")
+    q = m["quantization"]
+    mode = q["mode"] if q["mode"] == "fp32" else (
+        f"{q['mode']}, {len(q.get('quantized_layers', []))} layers quantized ({q.get('method', q.get('source'))})")
+    print(f"wrote {artifact.path} ({m['preset']}, {m['arch']}, {mode}, "
+          f"{m['library']['file']} {_mb(artifact.size_bytes())})")
     if m["library"]["kind"] != "shared":
         print(f"note: {m['library']['note']}")
 
@@ -191,6 +201,21 @@ def cmd_device(args) -> None:
         print(f"tracker listening on 127.0.0.1:{args.port or 9190}")
 
 
+def cmd_eval(args) -> None:
+    from .artifact import write_json_atomic
+    from .report import evaluate, format_report, layer_table
+
+    report = evaluate(args.artifact, args.data, labels=args.labels, plot=args.plot)
+    print(format_report(report, layers=False))
+    print()
+    _print_table(*layer_table(report))
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+    for path in (args.plot, args.json):
+        if path:
+            print(f"wrote {path}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -213,6 +238,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="preset name (see `edgeq targets`) or a raw TVM target JSON")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
+    p.add_argument("--quantize", choices=["int8"], help="quantize with calibration data (--calib); models that "
+                   "are already quantized (QDQ / QLinear ops) are compiled to integer kernels without this flag")
+    p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz (keys = input names, samples on "
+                   "axis 0) or a directory of .npy/.npz batches")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
+    p.add_argument("--exclude", action="append", metavar="NODES",
+                   help="keep these in float: node names, op types, 'first', 'last' (comma-separated, repeatable)")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
 
     p = command("run", cmd_run, "run an artifact on this machine")
     p.add_argument("artifact")
@@ -251,6 +285,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port to listen on (emulate: 9090, tracker: 9190)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with (emulate) or query (list) this tracker")
     p.add_argument("--key", help="device key to register under (default: the board name)")
+
+    p = command("eval", cmd_eval, "measure what quantization cost: an int8 artifact against its fp32 model")
+    p.add_argument("artifact", help="an int8 artifact directory")
+    p.add_argument("--data", required=True, help="inputs as .npz (keys = input names, samples on axis 0)")
+    p.add_argument("--labels", metavar="KEY", help="array of class indices in the .npz: also report accuracy")
+    p.add_argument("--plot", metavar="PNG", help="write per-layer SQNR and output scatter plots (edgeq[plot])")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
 
     p = command("demo", cmd_demo, "compile the bundled digits model for this machine, test and time it")
     p.add_argument("-o", "--output", help="keep the artifact in this directory")

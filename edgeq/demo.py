@@ -10,6 +10,7 @@ import numpy as np
 EXAMPLES = Path(__file__).parent / "examples"
 DIGITS_MODEL = EXAMPLES / "digits_cnn.onnx"
 DIGITS_TEST = EXAMPLES / "digits_test.npz"
+DIGITS_CALIB = EXAMPLES / "digits_calib.npz"  # training-split images for int8 calibration
 
 
 def digits_accuracy(artifact, images: np.ndarray, labels: np.ndarray) -> float:

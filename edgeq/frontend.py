@@ -122,6 +122,18 @@ def unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
     return dict(missing)
 
 
+def _qoperators_to_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """QLinearConv / QLinearMatMul / com.microsoft QLinear* (which TVM cannot import) as QDQ chains it can."""
+    from relay_passes.quantize.qlinear import REWRITES, to_qdq
+
+    if not any((n.domain if n.domain != "ai.onnx" else "", n.op_type) in REWRITES for n in proto.graph.node):
+        return proto
+    try:
+        return to_qdq(proto)
+    except ValueError as e:
+        raise EdgeqError(f"cannot import the quantized operators: {one_line(e)}") from None
+
+
 def _output_specs(mod, graph: onnx.GraphProto) -> list[TensorSpec]:
     from tvm import relax
 
@@ -149,6 +161,7 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     serialized = proto.SerializeToString()
     proto = onnx.ModelProto.FromString(serialized)  # never modify the caller's proto
     inputs = _fix_inputs(proto.graph, dict(input_shapes or {}))
+    proto = _qoperators_to_qdq(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as e:  # InferenceError, or a checker error raised during inference

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from edgeq.demo import DIGITS_MODEL, DIGITS_TEST
+from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 from edgeq.deploy.emulate import emulate, running, stop
 from edgeq.errors import EdgeqError
 
@@ -58,6 +58,17 @@ def test_deploy_bundled_model_matches_host(cli, device, rpi4_digits):
                          "--repeat", "3")
     assert code == 0, err
     assert f"to 127.0.0.1:{device.port} (aarch64)" in out and "match    yes" in out
+
+
+def test_deploy_int8_bundled_model_matches_host(cli, device, rpi4_digits, tmp_path):
+    """int8 on the Pi: int8 activations (s8 x s8 NEON kernels) there, uint8 (VNNI) on the host: same integers."""
+    _, images = rpi4_digits
+    assert cli("compile", DIGITS_MODEL, "--target", "rpi4", "-o", tmp_path / "int8", "--input-shape",
+               "image=8x1x8x8", "--quantize", "int8", "--calib", DIGITS_CALIB)[0] == 0
+    code, out, err = cli("deploy", tmp_path / "int8", "--rpc", f"127.0.0.1:{device.port}", "--input", images,
+                         "--repeat", "3")
+    assert code == 0, err
+    assert "match    yes" in out and "max abs error" in out
 
 
 def test_deploy_through_a_tracker_and_key(cli, device, rpi4_digits):

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifact import SOURCE_MODEL, Artifact, latency_stats, outputs_by_name
+from ..artifact import QUANTIZED_MODEL, SOURCE_MODEL, Artifact, latency_stats, outputs_by_name
 from ..errors import EdgeqError, one_line
 from ..tensors import match_inputs, random_inputs
 
 # Output agreement between device and host build, per artifact precision: (rtol, atol relative to max |ref|)
-TOLERANCE = {"fp32": (1e-4, 1e-5)}
+# (rtol, atol as a fraction of the output's largest magnitude).  int8: the device and the host run the same
+# integer arithmetic, so outputs agree to the last bit in practice; 1/254 of the range allows one 8-bit step.
+TOLERANCE = {"fp32": (1e-4, 1e-5), "int8": (0.0, 1.001 / 254)}
 _ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64", "arm": "arm", "armv7": "arm"}
 
 
@@ -135,15 +137,17 @@ class DeployReport:
 
 
 def host_reference(artifact: Artifact, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """The same model built for this machine and run on the same inputs."""
+    """The same model built for this machine and run on the same inputs (int8: the same quantized model)."""
     import tempfile
     from pathlib import Path
 
     from .. import build
 
     shapes = {s.name: s.shape for s in artifact.inputs}
+    source = artifact.path / QUANTIZED_MODEL
+    source = source if source.exists() else artifact.path / SOURCE_MODEL
     with tempfile.TemporaryDirectory(prefix="edgeq-ref-") as tmp:
-        reference = build(artifact.path / SOURCE_MODEL, "host", Path(tmp) / "host", input_shapes=shapes)
+        reference = build(source, "host", Path(tmp) / "host", input_shapes=shapes)
         return reference.run(inputs)
 
 

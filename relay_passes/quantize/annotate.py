@@ -1,0 +1,268 @@
+"""Annotate: choose the tensors to quantize from a table of op types, and write the choice as a QDQ ONNX graph.
+
+The output is the standard QuantizeLinear/DequantizeLinear ("QDQ") format that ONNX Runtime and PyTorch write, so
+edgeq's own quantization and a model quantized elsewhere take the same road from here on (realize.py).  Weights
+become int8 initializers (symmetric, per output channel by default) behind a DequantizeLinear; activations get a
+QuantizeLinear -> DequantizeLinear pair with per-tensor asymmetric parameters from calibration.  An activation
+(Relu, Clip) that is the only consumer of a conv/matmul/add is fused: the pair goes after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import scheme
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How an op type is quantized: which inputs are activations, which is the weight and its channel axis."""
+
+    activations: tuple[int, ...] | None  # None: every input
+    weight: int | None = None
+    fuses_activation: bool = False
+
+
+# axis of the output channel in the weight is decided in _weight_axis (Gemm's depends on transB)
+OP_RULES = {
+    "Conv": OpRule((0,), weight=1, fuses_activation=True),
+    "MatMul": OpRule((0,), weight=1, fuses_activation=True),
+    "Gemm": OpRule((0,), weight=1, fuses_activation=True),
+    "Add": OpRule((0, 1), fuses_activation=True),
+    "Concat": OpRule(None),
+    "MaxPool": OpRule((0,)),
+    "AveragePool": OpRule((0,)),
+    "GlobalAveragePool": OpRule((0,)),
+    "Relu": OpRule((0,)),
+    "Clip": OpRule((0,)),
+}
+ACTIVATIONS = ("Relu", "Clip")
+WEIGHTED = ("Conv", "MatMul", "Gemm")
+# Ops that only move or select values: quantized when they read a quantized tensor (so chains stay integer),
+# never after a float op (that would only add a quantize/dequantize round trip around a float value).
+FOLLOWERS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+
+
+@dataclass
+class Policy:
+    """What to quantize: `exclude` holds node names, op types, or "first"/"last" (the first/last weighted op)."""
+
+    activation_dtype: str = "uint8"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass
+class Group:
+    """One quantized op, possibly with its fused activation: the unit the realize pass turns into a kernel."""
+
+    node: str  # name of the anchor node
+    op_type: str
+    inputs: list[str]  # activation tensors read (quantized)
+    output: str  # tensor written (after the fused activation)
+    activation: str | None = None  # name of the fused Relu/Clip node
+    weight: str | None = None
+    weight_axis: int | None = None
+
+
+@dataclass
+class Plan:
+    groups: list[Group] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
+
+    @property
+    def tensors(self) -> list[str]:
+        """Every activation tensor that gets calibrated and quantized, in graph order."""
+        seen: dict[str, None] = {}
+        for g in self.groups:
+            for name in (*g.inputs, g.output):
+                seen.setdefault(name)
+        return list(seen)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a unique name (policies and reports refer to nodes by name)."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    return model
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and _attr(node, "value") is not None:
+            values[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+    return values
+
+
+def _why_not(node, consts: dict[str, np.ndarray], shapes: dict[str, list[int]]) -> str | None:
+    """Why an op of a known type can't be quantized here (None when it can)."""
+    rule = OP_RULES[node.op_type]
+    if rule.weight is not None:
+        if len(node.input) <= rule.weight or node.input[rule.weight] not in consts:
+            return "weight is not a constant"
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
+            return "bias is not a constant"
+    if node.op_type == "MatMul" and (consts[node.input[1]].ndim != 2 or len(shapes.get(node.input[0], [])) < 2):
+        return "only matmul by a 2-D constant is quantized"
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
+                                   or _attr(node, "beta", 1.0) != 1.0):
+        return "Gemm with transA/alpha/beta"
+    if node.op_type == "Conv" and len(shapes.get(node.input[0], [])) != 4:
+        return "only 2-D convolutions are quantized"
+    if node.op_type == "Add" and any(i in consts for i in node.input):
+        return "add of a constant stays float"
+    if node.op_type in ("MaxPool", "AveragePool") and len(shapes.get(node.input[0], [])) != 4:
+        return "only 2-D pooling is quantized"
+    if node.op_type == "Clip" and any(i and i not in consts for i in node.input[1:]):
+        return "Clip bounds are not constants"
+    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        return "MaxPool with indices"
+    return None
+
+
+def _weight_axis(node) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return 1  # MatMul: [K, N], output channels on axis 1
+
+
+def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
+    """Which nodes are quantized (as groups) and which stay float, for a shape-inferred, named model."""
+    graph = model.graph
+    consts = _constants(graph)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*graph.input, *graph.value_info, *graph.output)}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    weighted = [n.name for n in graph.node if n.op_type in WEIGHTED]
+    excluded = set(policy.exclude)
+    if "first" in excluded and weighted:
+        excluded.add(weighted[0])
+    if "last" in excluded and weighted:
+        excluded.add(weighted[-1])
+    result, fused = Plan(), set()
+    quantized = {i.name for i in graph.input}  # the model's inputs are quantized at the edge when read
+    for node in graph.node:
+        if node.name in fused or node.op_type not in OP_RULES:
+            continue
+        if node.name in excluded or node.op_type in excluded:
+            result.skipped[node.name] = "excluded by policy"
+            continue
+        reason = _why_not(node, consts, shapes)
+        if not reason and node.op_type in FOLLOWERS and not quantized & set(node.input):
+            reason = "its input is not quantized"
+        if reason:
+            result.skipped[node.name] = reason
+            continue
+        rule = OP_RULES[node.op_type]
+        picks = range(len(node.input)) if rule.activations is None else rule.activations
+        group = Group(node.name, node.op_type, [node.input[i] for i in picks if node.input[i]], node.output[0])
+        if rule.weight is not None:
+            group.weight, group.weight_axis = node.input[rule.weight], _weight_axis(node)
+        users = consumers.get(node.output[0], [])
+        if (rule.fuses_activation and len(users) == 1 and users[0].op_type in ACTIVATIONS
+                and node.output[0] not in graph_outputs and users[0].name not in excluded
+                and _why_not(users[0], consts, shapes) is None):
+            group.activation, group.output = users[0].name, users[0].output[0]
+            fused.add(users[0].name)
+        result.groups.append(group)
+        quantized.add(group.output)
+    return result
+
+
+def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[float, float]],
+               policy: Policy) -> onnx.ModelProto:
+    """The QDQ model: Q/DQ pairs on the planned activations with the calibrated ranges, int8 weights behind DQ."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    new_inits, new_nodes = [], {}  # new_nodes: producer tensor name -> nodes to insert after it
+    rename: dict[str, str] = {}
+    graph_outputs = {o.name for o in graph.output}
+    for tensor in plan_.tensors:
+        qp = scheme.activation_qparams(*ranges[tensor], policy.activation_dtype)
+        scale, zero = f"{tensor}.scale", f"{tensor}.zero_point"
+        new_inits += [numpy_helper.from_array(np.asarray(qp.scale, np.float32), scale),
+                      numpy_helper.from_array(np.asarray(qp.zero_point, policy.activation_dtype), zero)]
+        source = f"{tensor}.float" if tensor in graph_outputs else tensor
+        dq_out = tensor if tensor in graph_outputs else f"{tensor}.dq"
+        rename[tensor] = source if tensor in graph_outputs else dq_out
+        new_nodes[tensor] = [
+            helper.make_node("QuantizeLinear", [source, scale, zero], [f"{tensor}.q"], name=f"{tensor}.quantize"),
+            helper.make_node("DequantizeLinear", [f"{tensor}.q", scale, zero], [dq_out], name=f"{tensor}.dequantize"),
+        ]
+    for group in plan_.groups:
+        if group.weight is None:
+            continue
+        node = nodes[group.node]
+        weight = numpy_helper.to_array(consts[group.weight]).astype(np.float32)
+        qp = scheme.weight_qparams(weight, group.weight_axis if policy.per_channel else None)
+        base = f"{group.node}.weight"
+        new_inits += [numpy_helper.from_array(scheme.quantize_weight(weight, qp), f"{base}.q"),
+                      numpy_helper.from_array(qp.scale, f"{base}.scale"),
+                      numpy_helper.from_array(qp.zero_point.astype(np.int8), f"{base}.zero_point")]
+        axis = {"axis": group.weight_axis} if policy.per_channel else {}
+        dq = helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
+                              [f"{base}.dq"], name=f"{base}.dequantize", **axis)
+        new_nodes.setdefault("", []).append(dq)
+        node.input[OP_RULES[node.op_type].weight] = f"{base}.dq"
+    # Rewire: graph outputs are produced under a new name and dequantized back to theirs; every other consumer
+    # of a quantized tensor reads its dequantized copy.
+    quantized = set(plan_.tensors)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in quantized and name not in graph_outputs:
+                node.input[i] = rename[name]
+        for i, name in enumerate(node.output):
+            if name in quantized and name in graph_outputs:
+                node.output[i] = rename[name]
+    ordered = list(new_nodes.get("", []))
+    for tensor in (i.name for i in graph.input):
+        ordered += new_nodes.get(tensor, [])
+    renamed_outputs = {rename[t]: t for t in quantized & graph_outputs}
+    for node in graph.node:
+        ordered.append(node)
+        for out in node.output:
+            ordered += new_nodes.get(renamed_outputs.get(out, out), [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_inits)
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int = 13) -> onnx.ModelProto:
+    """Convert an older model to opset 13, the first with per-axis QuantizeLinear/DequantizeLinear."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current >= version:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)

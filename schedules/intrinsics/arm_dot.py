@@ -1,0 +1,64 @@
+"""aarch64 int8 dot products: 4 int32 lanes += 4 s8 (broadcast) . 4x4 s8.
+
+``sdot`` needs +dotprod (Cortex-A76, Raspberry Pi 5).  Without it (Cortex-A72, Raspberry Pi 4) the
+same tile is two widening ``smull`` (8x8->16 bit) folded by ``saddlp`` / ``addp`` into int32, exact
+for all int8 inputs.  Both are TVM's implementations (``dot_4x4_i8i8s32_sdot`` / ``_neon``, which
+build with LLVM 22 as they are) with the accumulator in ``local`` scope.
+"""
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from . import dot_product_desc
+
+SDOT_4x4 = "edgeq_dot_4x4_i8i8s32_sdot"
+NEON_4x4 = "edgeq_dot_4x4_i8i8s32_neon"
+
+
+@T.prim_func(s_tir=True)
+def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+            C.vload([0], dtype="int32x4"),
+            T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16"),
+            B.vload([0, 0], dtype="int8x16"),
+            dtype="int32x4",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+    B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    with T.sblock("root"):
+        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+        T.writes(C[0:4])
+        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+        vec_a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")  # a0..a3 a0..a3
+        vec_b = B.vload([0, 0], dtype="int8x16")  # rows o0, o1 | o2, o3
+        low = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+            vec_a, T.vectorlow(vec_b, dtype="int8x8"), dtype="int16x8")
+        high = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+            vec_a, T.vectorhigh(vec_b, dtype="int8x8"), dtype="int16x8")
+        C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                                    low, dtype="int32x4"),
+            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                                    high, dtype="int32x4"),
+            dtype="int32x4",
+        )
+
+
+TensorIntrin.register(SDOT_4x4, dot_product_desc(4, "int8"), _sdot_impl, override=True)
+TensorIntrin.register(NEON_4x4, dot_product_desc(4, "int8"), _neon_impl, override=True)

@@ -1,0 +1,333 @@
+"""Integer (int8) kernels as TE computes, channels-last, for ``BlockBuilder.emit_te``; plus numpy references.
+
+Every kernel ends with the same epilogue, the arithmetic of ``relay_passes.quantize.scheme``:
+``saturate(requantize(acc, M, s) + zero_point_out, out_min, out_max)``, where requantize is the
+32x32->64 widening multiply ``(int64(acc) * int64(M) + 2^(s-1)) >> s``.  The product is written as a
+multiply of two sign-extended int32 values so LLVM emits vpmuldq / smull instead of a 64x64 multiply.
+
+Convolution and dense keep the accumulation (``int32(a) * int32(w)`` summed into int32) in its own
+block, in exactly the form of the dot-product tensor intrinsics, so ``schedules.dot_product`` can
+tensorize it; the epilogue is a separate elementwise block that the schedule fuses into the write-back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx, topi
+
+from relay_passes.quantize import scheme
+
+QSHIFT = 20  # left shift applied to 8-bit inputs of qadd / qrequantize (TFLite's kLeftShift), for precision
+
+
+# ---------------------------------------------------------------------------------------------- epilogue
+def _requantize(acc, multiplier, shift, bias=None):
+    """round((acc + bias) * M / 2^s) with ties to +inf, in int64, back to int32 (scheme.requantize)."""
+    if bias is not None:
+        acc = _add_i32(acc, bias)
+    shift64 = tirx.Cast("int64", shift)
+    rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
+    product = tirx.Cast("int64", acc) * tirx.Cast("int64", multiplier)
+    return tirx.Cast("int32", (product + rounding) >> shift64)
+
+
+def _add_i32(a, b):
+    """a + b in int32, kept an int32 add for LLVM.
+
+    TVM's simplifier rewrites ``int64(a + b)`` into ``int64(a) + int64(b)``, after which LLVM sees a 33-bit
+    multiplicand and uses a full 64x64 multiply (vpmullq) instead of vpmuldq / smull.  Spelling the sum
+    as ``int32(int64(a) + int64(b))`` survives the simplifier and LLVM narrows it back to an int32 add.
+    """
+    return tirx.Cast("int32", tirx.Cast("int64", a) + tirx.Cast("int64", b))
+
+
+def _requantize_const(acc, multiplier: int, shift: int):
+    """_requantize with python-int parameters: the rounding term folds to a constant.  ``acc`` must not be
+    a sum (see _add_i32)."""
+    product = tirx.Cast("int64", acc) * tirx.const(int(multiplier), "int64")
+    shift = int(shift)
+    return tirx.Cast("int32", (product + tirx.const(1 << (shift - 1), "int64")) >> tirx.const(shift, "int64"))
+
+
+def _saturate(value, dtype: str, lo: int, hi: int):
+    """Clamp an int32 value to [lo, hi] within the range of ``dtype`` (scheme.saturate) and cast."""
+    qmin, qmax = scheme.DTYPE_RANGES[dtype]
+    lo, hi = max(int(lo), qmin), min(int(hi), qmax)
+    return tirx.Cast(dtype, tirx.max(tirx.min(value, tirx.const(hi, "int32")), tirx.const(lo, "int32")))
+
+
+def _i32(x):
+    return tirx.Cast("int32", x)
+
+
+def _pad_nhwc(data, padding, value, name):
+    top, left, bottom, right = padding
+    if not any((top, left, bottom, right)):
+        return data
+    return topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], pad_value=tirx.const(value, data.dtype),
+                       name=name)
+
+
+def _out_size(size, kernel, stride, dilation, before, after):
+    return (int(size) + before + after - dilation * (int(kernel) - 1) - 1) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups, input_zero_point,
+            output_zero_point, out_min, out_max, out_dtype):
+    """Quantized NHWC conv2d: data [N,H,W,C] u8/s8, weight [KH,KW,C//groups,O] s8 (HWIO), bias/M/s [O] int32.
+
+    ``padding`` is (top, left, bottom, right); the data is padded with ``input_zero_point`` (real 0.0).
+    ``bias`` already holds the zero-point compensation ``-input_zero_point * sum(w)`` plus the quantized
+    float bias, so the accumulator is just ``sum(int32(x) * int32(w)) + bias``.  Depthwise convolutions
+    (groups == C, one input channel per group) multiply in int16 (an 8x8-bit product always fits),
+    which vectorizes to widening 16-bit multiplies.
+    """
+    n, height, width, channels = (int(d) for d in data.shape)
+    kh, kw, group_channels, out_channels = (int(d) for d in weight.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    if channels != group_channels * groups or out_channels % groups:
+        raise ValueError(f"qconv2d: {channels} input / {out_channels} output channels are not {groups} groups")
+    oh = _out_size(height, kh, sh, dh, top, bottom)
+    ow = _out_size(width, kw, sw, dw, left, right)
+    padded = _pad_nhwc(data, padding, input_zero_point, "qconv2d_pad")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+
+    def window(p, c):  # input of the window of flattened output pixel p (see below), channel c
+        b, y, x = p // (oh * ow), p // ow % oh, p % ow
+        return padded[b, y * sh + ry * dh, x * sw + rx * dw, c]
+
+    if group_channels == 1 and groups > 1:  # depthwise, possibly with a channel multiplier
+        multiplier_c = out_channels // channels
+        acc = te.compute(
+            (n, oh, ow, out_channels),
+            lambda b, y, x, o: te.sum(
+                _i32(
+                    tirx.Cast("int16", padded[b, y * sh + ry * dh, x * sw + rx * dw, o // multiplier_c])
+                    * tirx.Cast("int16", weight[ry, rx, 0, o])
+                ),
+                axis=[ry, rx],
+            ),
+            name="qconv2d_acc",
+        )
+        return _channel_epilogue(acc, acc.shape, bias, multiplier, shift, output_zero_point, out_min, out_max,
+                                 out_dtype, "qconv2d")
+    # Dense and grouped convolutions accumulate over flattened output pixels [N*OH*OW, O]: the register
+    # tile of the schedule then spans rows of the image, so any image width tiles well.
+    per_group = out_channels // groups
+    rc = te.reduce_axis((0, group_channels), "rc")
+    acc = te.compute(
+        (n * oh * ow, out_channels),
+        lambda p, o: te.sum(
+            _i32(window(p, rc if groups == 1 else o // per_group * group_channels + rc)) * _i32(weight[ry, rx, rc, o]),
+            axis=[ry, rx, rc],
+        ),
+        name="qconv2d_acc",
+    )
+    return _channel_epilogue(lambda b, y, x, o: acc[(b * oh + y) * ow + x, o], (n, oh, ow, out_channels), bias,
+                             multiplier, shift, output_zero_point, out_min, out_max, out_dtype, "qconv2d")
+
+
+def qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min, out_max,
+           out_dtype):
+    """Quantized dense: data [M,K] u8/s8, weight [K,N] s8, bias/M/s [N] int32 (bias includes -zin*sum(w))."""
+    del input_zero_point  # folded into the bias by the caller; kept for a uniform signature
+    rows, depth = (int(d) for d in data.shape)
+    out_features = int(weight.shape[1])
+    rk = te.reduce_axis((0, depth), "rk")
+    acc = te.compute(
+        (rows, out_features),
+        lambda m, j: te.sum(_i32(data[m, rk]) * _i32(weight[rk, j]), axis=[rk]),
+        name="qdense_acc",
+    )
+    return _channel_epilogue(acc, acc.shape, bias, multiplier, shift, output_zero_point, out_min, out_max, out_dtype,
+                             "qdense")
+
+
+def _channel_epilogue(acc, shape, bias, multiplier, shift, zero_point, out_min, out_max, out_dtype, name):
+    """Per-output-channel (last axis) bias, requantize, zero point, clamp of ``acc(*index)`` over ``shape``."""
+
+    def epilogue(*idx):
+        c = idx[-1]
+        value = _requantize(acc(*idx), multiplier[c], shift[c], bias[c]) + tirx.const(int(zero_point), "int32")
+        return _saturate(value, out_dtype, out_min, out_max)
+
+    return te.compute(shape, epilogue, name=name)
+
+
+def qadd(a, b, *, a_multiplier, a_shift, b_multiplier, b_shift, a_zero_point, b_zero_point, output_zero_point,
+         out_min, out_max, out_dtype):
+    """Quantized elementwise add with numpy broadcasting, TFLite style.
+
+    a' = (a - za) << 20, b' likewise; out = saturate(requantize(a', Ma, sa) + requantize(b', Mb, sb) + zo).
+    The caller computes ``Ma, sa = scheme.fixed_point_multiplier(scale_a / (scale_out * 2**20))`` (and the
+    same for b): the 20-bit headroom keeps the rounding of each operand far below one output step.
+    """
+    shape = _broadcast_shape(a.shape, b.shape)
+
+    def operand(t, idx):
+        offset = len(shape) - len(t.shape)
+        return t(*[i if int(d) != 1 else 0 for i, d in zip(idx[offset:], t.shape)])
+
+    def add(*idx):
+        sa = (_i32(operand(a, idx)) - int(a_zero_point)) << QSHIFT
+        sb = (_i32(operand(b, idx)) - int(b_zero_point)) << QSHIFT
+        value = (_requantize_const(sa, a_multiplier, a_shift) + _requantize_const(sb, b_multiplier, b_shift)
+                 + tirx.const(int(output_zero_point), "int32"))
+        return _saturate(value, out_dtype, out_min, out_max)
+
+    return te.compute(shape, add, name="qadd")
+
+
+def _broadcast_shape(sa, sb):
+    sa, sb = [int(d) for d in sa], [int(d) for d in sb]
+    rank = max(len(sa), len(sb))
+    sa, sb = [1] * (rank - len(sa)) + sa, [1] * (rank - len(sb)) + sb
+    if any(x != y and 1 not in (x, y) for x, y in zip(sa, sb)):
+        raise ValueError(f"qadd: shapes {sa} and {sb} do not broadcast")
+    return [max(x, y) for x, y in zip(sa, sb)]
+
+
+def qrequantize(x, *, multiplier, shift, input_zero_point, output_zero_point, out_min, out_max, out_dtype):
+    """Per-tensor rescale of an 8-bit tensor to new parameters: saturate(requantize((x - zin) << 20) + zo).
+
+    Used before a concat of differently quantized inputs, or for Q(DQ(x)) with different parameters;
+    M, s = fixed_point_multiplier(scale_in / (scale_out * 2**20)).
+    """
+
+    def rescale(*idx):
+        shifted = (_i32(x(*idx)) - int(input_zero_point)) << QSHIFT
+        value = _requantize_const(shifted, multiplier, shift) + tirx.const(int(output_zero_point), "int32")
+        return _saturate(value, out_dtype, out_min, out_max)
+
+    return te.compute(x.shape, rescale, name="qrequantize")
+
+
+def qavg_pool2d(data, *, pool_size, strides, padding, multiplier, shift, input_zero_point, output_zero_point,
+                out_min, out_max, out_dtype):
+    """Average pool with a constant divisor (count_include_pad; global pooling: pool_size == (H, W)), NHWC.
+
+    ``padding`` is (top, left, bottom, right), as for qconv2d.
+
+    acc = sum over the window of (x - zin), padding contributing 0; out = saturate(requantize(acc, M, s) + zo)
+    where M, s = fixed_point_multiplier(scale_in / (scale_out * kh * kw)) folds in the divisor.
+    """
+    kh, kw = pool_size
+    sh, sw = strides
+    n, height, width, channels = (int(d) for d in data.shape)
+    oh = _out_size(height, kh, sh, 1, padding[0], padding[2])
+    ow = _out_size(width, kw, sw, 1, padding[1], padding[3])
+    padded = _pad_nhwc(data, padding, input_zero_point, "qavg_pool2d_pad")  # zin - zin contributes 0
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute(
+        (n, oh, ow, channels),
+        lambda b, y, x, c: te.sum(_i32(padded[b, y * sh + ry, x * sw + rx, c]), axis=[ry, rx]),
+        name="qavg_pool2d_acc",
+    )
+    offset = int(input_zero_point) * kh * kw
+
+    def epilogue(*idx):
+        value = _requantize_const(_add_i32(acc(*idx), -offset), multiplier, shift) + tirx.const(
+            int(output_zero_point), "int32")
+        return _saturate(value, out_dtype, out_min, out_max)
+
+    return te.compute(acc.shape, epilogue, name="qavg_pool2d")
+
+
+def qmax_pool2d(data, *, pool_size, strides, padding, dilation=(1, 1)):
+    """Max pool on quantized values (monotonic, so no rescale), NHWC; ``padding`` (top, left, bottom, right)
+    is filled with the dtype's minimum.  The output keeps the input's dtype and quantization parameters."""
+    kh, kw = pool_size
+    (sh, sw), (dh, dw) = strides, dilation
+    n, height, width, channels = (int(d) for d in data.shape)
+    oh = _out_size(height, kh, sh, dh, padding[0], padding[2])
+    ow = _out_size(width, kw, sw, dw, padding[1], padding[3])
+    padded = _pad_nhwc(data, padding, scheme.DTYPE_RANGES[str(data.dtype)][0], "qmax_pool2d_pad")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (n, oh, ow, channels),
+        lambda b, y, x, c: te.max(padded[b, y * sh + ry * dh, x * sw + rx * dw, c], axis=[ry, rx]),
+        name="qmax_pool2d",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- numpy references
+def _np_pad(x, padding, value):
+    top, left, bottom, right = padding
+    return np.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)], constant_values=value)
+
+
+def _np_windows(x, kh, kw, strides, dilation, oh, ow):
+    """[N, OH, OW, KH, KW, C] view of the windows of a padded NHWC array."""
+    (sh, sw), (dh, dw) = strides, dilation
+    rows = [[x[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :]
+             for j in range(kw)] for i in range(kh)]
+    return np.stack([np.stack(r, axis=3) for r in rows], axis=3)
+
+
+def reference_qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups,
+                      input_zero_point, output_zero_point, out_min, out_max, out_dtype):
+    """numpy int64 version of qconv2d, straight from the formula."""
+    kh, kw, group_channels, out_channels = weight.shape
+    padded = _np_pad(np.asarray(data, np.int64), padding, input_zero_point)
+    oh = _out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
+    ow = _out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
+    windows = _np_windows(padded, kh, kw, strides, dilation, oh, ow)  # N, OH, OW, KH, KW, C
+    per_group = out_channels // groups
+    acc = np.zeros(windows.shape[:3] + (out_channels,), np.int64)
+    for g in range(groups):
+        x = windows[..., g * group_channels:(g + 1) * group_channels]
+        w = np.asarray(weight[..., g * per_group:(g + 1) * per_group], np.int64)
+        acc[..., g * per_group:(g + 1) * per_group] = np.tensordot(x, w, axes=([3, 4, 5], [0, 1, 2]))
+    acc += np.asarray(bias, np.int64)
+    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
+    return scheme.saturate(out, out_dtype, out_min, out_max)
+
+
+def reference_qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min,
+                     out_max, out_dtype):
+    """numpy int64 version of qdense."""
+    del input_zero_point
+    acc = np.asarray(data, np.int64) @ np.asarray(weight, np.int64) + np.asarray(bias, np.int64)
+    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
+    return scheme.saturate(out, out_dtype, out_min, out_max)
+
+
+def reference_qadd(a, b, *, a_multiplier, a_shift, b_multiplier, b_shift, a_zero_point, b_zero_point,
+                   output_zero_point, out_min, out_max, out_dtype):
+    """numpy int64 version of qadd."""
+    sa = (np.asarray(a, np.int64) - a_zero_point) << QSHIFT
+    sb = (np.asarray(b, np.int64) - b_zero_point) << QSHIFT
+    out = (scheme.requantize(sa, a_multiplier, a_shift).astype(np.int64)
+           + scheme.requantize(sb, b_multiplier, b_shift) + output_zero_point)
+    return scheme.saturate(out, out_dtype, out_min, out_max)
+
+
+def reference_qrequantize(x, *, multiplier, shift, input_zero_point, output_zero_point, out_min, out_max,
+                          out_dtype):
+    """numpy int64 version of qrequantize."""
+    shifted = (np.asarray(x, np.int64) - input_zero_point) << QSHIFT
+    out = scheme.requantize(shifted, multiplier, shift).astype(np.int64) + output_zero_point
+    return scheme.saturate(out, out_dtype, out_min, out_max)
+
+
+def reference_qavg_pool2d(data, *, pool_size, strides, padding, multiplier, shift, input_zero_point,
+                          output_zero_point, out_min, out_max, out_dtype):
+    """numpy int64 version of qavg_pool2d."""
+    kh, kw = pool_size
+    padded = _np_pad(np.asarray(data, np.int64) - input_zero_point, padding, 0)
+    oh = _out_size(data.shape[1], kh, strides[0], 1, padding[0], padding[2])
+    ow = _out_size(data.shape[2], kw, strides[1], 1, padding[1], padding[3])
+    acc = _np_windows(padded, kh, kw, strides, (1, 1), oh, ow).sum(axis=(3, 4))
+    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
+    return scheme.saturate(out, out_dtype, out_min, out_max)
+
+
+def reference_qmax_pool2d(data, *, pool_size, strides, padding, dilation=(1, 1)):
+    """numpy version of qmax_pool2d."""
+    kh, kw = pool_size
+    padded = _np_pad(data, padding, scheme.DTYPE_RANGES[str(data.dtype)][0])
+    oh = _out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
+    ow = _out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
+    return _np_windows(padded, kh, kw, strides, dilation, oh, ow).max(axis=(3, 4)).astype(data.dtype)

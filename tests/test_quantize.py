@@ -1,0 +1,306 @@
+"""int8 quantization end to end: annotate (QDQ) -> realize (integer kernels) -> build, checked against ONNX Runtime.
+
+The oracle for every realized op is ONNX Runtime running the very QDQ model edgeq realized: edgeq's integer
+requantization rounds once where the float DQ -> op -> Q path rounds once too, so one-op graphs agree within
+one quantization step of the output.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgeq
+import targets
+from conftest import ort_outputs
+from edgeq.errors import EdgeqError
+from relay_passes.quantize import prepare, realize
+
+RNG = np.random.default_rng(7)
+
+
+def _model(nodes, inits, inputs, output_shape, opset=17):
+    graph = helper.make_graph(
+        nodes, "q", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _w(*shape, scale=0.3):
+    return RNG.standard_normal(shape) * scale
+
+
+def _conv(x, w, out, b=None, **attrs):
+    return helper.make_node("Conv", [x, w] + ([b] if b else []), [out], name=f"conv_{out}", **attrs)
+
+
+CASES = {
+    "conv_bias_relu": (
+        [_conv("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        {"w": _w(16, 8, 3, 3), "b": _w(16)}, {"x": [1, 8, 10, 10]}, [1, 16, 10, 10]),
+    "conv_stride2_relu6": (
+        [_conv("x", "w", "c", "b", pads=[1, 1, 1, 1], strides=[2, 2]),
+         helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")],
+        {"w": _w(32, 4, 3, 3), "b": _w(32), "lo": 0.0, "hi": 6.0}, {"x": [1, 4, 9, 9]}, [1, 32, 5, 5]),
+    "conv_odd_channels_no_bias": (
+        [_conv("x", "w", "y", pads=[0, 1, 2, 1])], {"w": _w(5, 3, 3, 3)}, {"x": [1, 3, 7, 6]}, [1, 5, 7, 6]),
+    "depthwise": (
+        [_conv("x", "w", "y", "b", pads=[1, 1, 1, 1], group=24)], {"w": _w(24, 1, 3, 3), "b": _w(24)},
+        {"x": [1, 24, 8, 8]}, [1, 24, 8, 8]),
+    "grouped_dilated": (
+        [_conv("x", "w", "y", "b", pads=[2, 2, 2, 2], group=2, dilations=[2, 2])],
+        {"w": _w(8, 4, 3, 3), "b": _w(8)}, {"x": [1, 8, 8, 8]}, [1, 8, 8, 8]),
+    "gemm_transB": (
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")],
+        {"w": _w(10, 64), "b": _w(10)}, {"x": [2, 64]}, [2, 10]),
+    "matmul": (
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"w": _w(32, 48)}, {"x": [3, 32]}, [3, 48]),
+    "add_relu": (
+        [helper.make_node("Add", ["x", "x2"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="r")],
+        {}, {"x": [1, 8, 6, 6], "x2": [1, 8, 6, 6]}, [1, 8, 6, 6]),
+    "concat": (
+        [helper.make_node("Concat", ["x", "x2"], ["y"], axis=1, name="cat")], {},
+        {"x": [1, 4, 5, 5], "x2": [1, 6, 5, 5]}, [1, 10, 5, 5]),
+    "maxpool": (
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                          name="pool")], {}, {"x": [1, 8, 9, 9]}, [1, 8, 5, 5]),
+    "avgpool": (
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], name="pool")], {},
+        {"x": [1, 8, 8, 8]}, [1, 8, 4, 4]),
+    "global_avgpool_flatten": (
+        [helper.make_node("GlobalAveragePool", ["x"], ["g"], name="gap"),
+         helper.make_node("Flatten", ["g"], ["y"], name="flat")], {}, {"x": [1, 16, 7, 7]}, [1, 16]),
+}
+
+
+def _calibration(model, samples=8):
+    return {i.name: RNG.standard_normal((samples, *[d.dim_value for d in i.type.tensor_type.shape.dim][1:]))
+            .astype(np.float32) for i in model.graph.input}
+
+
+def _feeds(model):
+    return {i.name: RNG.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+def _run_host(model, qdq=None):
+    import tvm
+    from tvm import relax
+
+    from edgeq.build import compile_module
+    from edgeq.frontend import load_onnx
+
+    imported = load_onnx(model)
+    vm = relax.VirtualMachine(compile_module(imported, targets.resolve("host"), qdq), tvm.cpu())
+
+    def run(feeds):
+        out = vm["main"](*[tvm.runtime.tensor(feeds[s.name]) for s in imported.inputs])
+        return out.numpy()
+
+    return run
+
+
+def _output_scale(quantized):
+    """The step of the model's output: that of the last quantized tensor (Flatten after it keeps its values)."""
+    name = f"{quantized.plan.groups[-1].output}.scale"
+    return float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer if t.name == name)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_realized_op_matches_onnxruntime_on_the_same_qdq_model(case):
+    nodes, inits, inputs, out_shape = CASES[case]
+    model = _model(nodes, inits, inputs, out_shape)
+    quantized = edgeq.quantize(model, _calibration(model))
+    feeds = _feeds(model)
+    ours = _run_host(model, quantized.qdq)(feeds)
+    oracle = ort_outputs(quantized.qdq, feeds)[0]
+    step = _output_scale(quantized)
+    assert np.abs(ours - oracle).max() <= step * 1.001, case
+    fp32 = ort_outputs(model, feeds)[0]
+    assert np.abs(ours - fp32).max() < 0.1 * np.abs(fp32).max() + 2 * step  # and it is still the model
+
+
+def test_realized_graph_is_integer_end_to_end():
+    """A conv -> relu -> pool -> conv -> add -> gap -> gemm chain has no float op between quantize and dequantize."""
+    from tvm import relax
+
+    from edgeq.frontend import load_onnx
+    from relay_passes.quantize import realize_onnx
+
+    model = _model([
+        _conv("x", "w1", "c1", "b1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        _conv("p", "w2", "c2", "b2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "p"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["r2"], name="r2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc")],
+        {"w1": _w(16, 4, 3, 3), "b1": _w(16), "w2": _w(16, 16, 3, 3, scale=0.1), "b2": _w(16),
+         "w3": _w(10, 16), "b3": _w(10)}, {"x": [1, 4, 8, 8]}, [1, 10])
+    quantized = edgeq.quantize(model, _calibration(model))
+    mod = realize_onnx(quantized.qdq, "uint8")
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    kernels = sorted(str(c.args[0].name_hint) for c in calls if getattr(c.op, "name", "") == "relax.call_tir")
+    assert ops.count("relax.quantize") == 1 and ops.count("relax.dequantize") == 1
+    assert not {"relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.max_pool2d", "relax.mean"} & set(ops)
+    assert kernels == sorted(["qconv2d", "qconv2d1", "qmax_pool2d", "qadd", "qavg_pool2d", "qdense"]) or \
+        {k.rstrip("0123456789") for k in kernels} == {"qconv2d", "qmax_pool2d", "qadd", "qavg_pool2d", "qdense"}
+    feeds = _feeds(model)
+    _ = load_onnx(model)
+    ours = _run_host(model, quantized.qdq)(feeds)
+    fp32 = _run_host(model)(feeds)
+    sqnr = 10 * np.log10(np.sum(fp32**2) / np.sum((fp32 - ours) ** 2))
+    assert sqnr > 25, sqnr
+
+
+def test_exclude_keeps_layers_float():
+    nodes, inits, inputs, out_shape = CASES["conv_bias_relu"]
+    model = _model(nodes, inits, inputs, out_shape)
+    quantized = edgeq.quantize(model, _calibration(model), exclude=("first",))
+    assert quantized.plan.groups == []
+    assert quantized.plan.skipped == {"conv_c": "excluded by policy", "relu": "its input is not quantized"}
+    quantized = edgeq.quantize(model, _calibration(model), exclude=("Conv",))
+    assert "conv_c" in quantized.plan.skipped
+
+
+def test_per_tensor_weights():
+    nodes, inits, inputs, out_shape = CASES["conv_bias_relu"]
+    model = _model(nodes, inits, inputs, out_shape)
+    quantized = edgeq.quantize(model, _calibration(model), per_channel=False)
+    scale = numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer if t.name == "conv_c.weight.scale"))
+    assert scale.shape == ()
+
+
+def test_batchnorm_is_folded_exactly():
+    model = _model([_conv("x", "w", "c", "b", pads=[1, 1, 1, 1]),
+                    helper.make_node("BatchNormalization", ["c", "g", "beta", "m", "v"], ["y"], name="bn")],
+                   {"w": _w(8, 4, 3, 3), "b": _w(8), "g": 1 + _w(8, scale=0.1), "beta": _w(8),
+                    "m": _w(8), "v": 1 + np.abs(_w(8))}, {"x": [1, 4, 6, 6]}, [1, 8, 6, 6])
+    folded = prepare.fold_batch_norm(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    feeds = _feeds(model)
+    np.testing.assert_allclose(ort_outputs(folded, feeds)[0], ort_outputs(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_extracted_weights_are_found_again_transposed():
+    w = RNG.integers(-127, 128, (6, 5)).astype(np.int8)
+    scale = np.linspace(0.01, 0.02, 6).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+         helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+        [numpy_helper.from_array(w, "wq"), numpy_helper.from_array(scale, "ws"),
+         numpy_helper.from_array(np.zeros(6, np.int8), "wz")]), opset_imports=[helper.make_opsetid("", 17)])
+    float_model, table = realize.extract_weights(model)
+    assert [n.op_type for n in float_model.graph.node] == ["Gemm"]
+    real = numpy_helper.to_array(next(t for t in float_model.graph.initializer if t.name == "w"))
+    transposed = table[realize._key(real.T)]
+    assert transposed.axis == 1 and np.array_equal(transposed.values, w.T)
+
+
+@pytest.mark.parametrize("target", ["host", "rpi4"])
+def test_activation_dtype_follows_the_dot_product(target):
+    expected = {"host": "uint8", "rpi4": "int8"}[target]
+    assert realize.activation_dtype(targets.tvm_target(targets.resolve(target))) == expected
+
+
+def test_int8_realization_equals_uint8_realization():
+    """ARM's int8 activations are the x86 uint8 ones shifted by 128: the same model gives the same reals."""
+    nodes, inits, inputs, out_shape = CASES["conv_stride2_relu6"]
+    model = _model(nodes, inits, inputs, out_shape)
+    quantized = edgeq.quantize(model, _calibration(model))
+    import tvm
+    from tvm import relax
+
+    from edgeq.frontend import load_onnx
+    from relay_passes import pipeline
+    from relay_passes.quantize import realize_onnx
+    from schedules.lowering import lowering_pipeline
+
+    feeds = _feeds(model)
+    target = targets.tvm_target(targets.resolve("host"))
+    results = []
+    for dtype in ("uint8", "int8"):
+        mod = pipeline.optimize(realize_onnx(quantized.qdq, dtype))
+        vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target)), tvm.cpu())
+        results.append(vm["main"](tvm.runtime.tensor(feeds["x"])).numpy())
+    assert load_onnx(model).inputs[0].name == "x"
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+# --- calibration data errors -------------------------------------------------------------------------------
+
+def _simple():
+    nodes, inits, inputs, out_shape = CASES["conv_bias_relu"]
+    return _model(nodes, inits, inputs, out_shape)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"x": np.zeros((4, 8, 9, 10), np.float32)}, "calibration input 'x' has shape [4, 8, 9, 10]; the model expects"),
+    ({"image": np.zeros((4, 8, 10, 10), np.float32)}, "no array for input(s) x: float32[1x8x10x10]"),
+    ({"x": np.zeros((0, 8, 10, 10), np.float32)}, "the calibration set is empty"),
+    ([], "the calibration set is empty"),
+    ({"x": np.zeros((2, 8, 10, 10), np.complex64)}, "has dtype complex64"),
+])
+def test_bad_calibration_data_is_refused_clearly(data, message):
+    with pytest.raises(EdgeqError) as err:
+        edgeq.quantize(_simple(), data)
+    assert message in str(err.value)
+
+
+def test_calibration_from_a_directory_of_batches(tmp_path):
+    for i in range(3):
+        np.save(tmp_path / f"batch{i}.npy", RNG.standard_normal((2, 8, 10, 10)).astype(np.float32))
+    quantized = edgeq.quantize(_simple(), tmp_path)
+    assert set(quantized.ranges) == {"x", "y"}
+
+
+def test_unknown_method_and_quantized_input_are_refused():
+    with pytest.raises(EdgeqError, match="unknown calibration method 'kl'"):
+        edgeq.quantize(_simple(), _calibration(_simple()), method="kl")
+    quantized = edgeq.quantize(_simple(), _calibration(_simple()))
+    with pytest.raises(EdgeqError, match="already quantized"):
+        edgeq.quantize(quantized.qdq, _calibration(_simple()))
+
+
+# --- models quantized by ONNX Runtime -----------------------------------------------------------------------
+
+def _ort_quantized(model, tmp_path, quant_format):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            data = _calibration(model)
+            self.batches = iter([{k: v[i:i + 1] for k, v in data.items()} for i in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=quant_format, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(dst)
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_models_quantized_by_onnxruntime_build_to_integer_kernels(fmt, tmp_path):
+    from onnxruntime.quantization import QuantFormat
+
+    nodes, inits, inputs, out_shape = CASES["conv_bias_relu"]
+    model = _model(nodes, inits, inputs, out_shape)
+    quantized = _ort_quantized(model, tmp_path, getattr(QuantFormat, fmt))
+    feeds = _feeds(model)
+    artifact = edgeq.build(quantized, "host", tmp_path / "out")
+    assert artifact.manifest["quantization"]["mode"] == "int8"
+    ours = artifact.run(feeds)["y"]
+    oracle = ort_outputs(quantized, feeds)[0]
+    step = float(np.min(np.diff(np.unique(oracle)))) if np.unique(oracle).size > 1 else 1.0
+    assert np.abs(ours - oracle).max() <= step * 1.001
