@@ -39,3 +39,17 @@ def test_demo_reports_accuracy_latency_and_size(cli, test_set, tmp_path):
     assert "accuracy  99.17% top-1 on 360" in out and "latency" in out and "size" in out
     artifact = edgeq.Artifact.load(tmp_path / "demo")
     assert digits_accuracy(artifact, *test_set) >= 0.98
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_int8_keeps_accuracy_with_every_calibration_method(method, test_set, tmp_path):
+    """Calibrated on training images, evaluated on the held-out set: at most 0.2 points below fp32."""
+    from edgeq.demo import DIGITS_CALIB
+
+    images, labels = test_set
+    fp32 = np.mean(ort_outputs(onnx.load(DIGITS_MODEL), {"image": images})[0].argmax(1) == labels)
+    artifact = edgeq.build(DIGITS_MODEL, "host", tmp_path / method, input_shapes={"image": (1, 1, 8, 8)},
+                           quantize="int8", calibration=DIGITS_CALIB, calib_method=method)
+    assert artifact.manifest["quantization"]["method"] == method
+    assert digits_accuracy(artifact, images, labels) >= fp32 - 0.002

@@ -304,3 +304,25 @@ def test_models_quantized_by_onnxruntime_build_to_integer_kernels(fmt, tmp_path)
     oracle = ort_outputs(quantized, feeds)[0]
     step = float(np.min(np.diff(np.unique(oracle)))) if np.unique(oracle).size > 1 else 1.0
     assert np.abs(ours - oracle).max() <= step * 1.001
+
+
+# --- the bundled model's int8 code uses each board's dot product -----------------------------------------
+
+@pytest.mark.parametrize("preset, instruction, absent", [
+    ("host", r"vpdpbusd\s", None),
+    ("rpi5", r"\ssdot\s+v", None),
+    ("rpi4", r"\ssmull2?\s+v", r"\ssdot\s"),
+])
+def test_int8_digits_model_uses_the_boards_dot_product(preset, instruction, absent):
+    import re
+
+    from edgeq.build import _modules, compile_module
+    from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL
+    from edgeq.frontend import load_onnx
+
+    imported = load_onnx(DIGITS_MODEL, {"image": (1, 1, 8, 8)})
+    quantized = edgeq.quantize(imported, DIGITS_CALIB)
+    executable = compile_module(imported, targets.resolve(preset), quantized.qdq)
+    asm = "\n".join(m.inspect_source("asm") for m in _modules(executable.mod) if m.kind == "llvm")
+    assert re.search(instruction, asm)
+    assert absent is None or not re.search(absent, asm)

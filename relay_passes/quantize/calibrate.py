@@ -82,9 +82,7 @@ def _split(chunk: dict[str, np.ndarray], specs) -> list[list[np.ndarray]]:
     for spec in specs:
         a = np.asarray(chunk[spec.name])
         sample = tuple(spec.shape[1:])
-        if a.shape == tuple(spec.shape):
-            counts.add(1 * spec.shape[0] if spec.shape else 1)
-        elif a.ndim == len(spec.shape) and tuple(a.shape[1:]) == sample:
+        if a.ndim == len(spec.shape) and tuple(a.shape[1:]) == sample:
             counts.add(a.shape[0])
         else:
             raise EdgeqError(f"calibration input {spec.name!r} has shape {list(a.shape)}; the model expects "
@@ -95,6 +93,9 @@ def _split(chunk: dict[str, np.ndarray], specs) -> list[list[np.ndarray]]:
         raise EdgeqError(f"calibration inputs have different sample counts: {sorted(counts)}")
     total = counts.pop()
     batch = specs[0].shape[0] if specs[0].shape else 1
+    if 0 < total < batch:
+        raise EdgeqError(f"the calibration set has {total} sample(s), fewer than the model's batch size {batch}; "
+                         "give more samples or compile with a smaller batch (--input-shape)")
     return [[np.ascontiguousarray(np.asarray(chunk[s.name])[i:i + batch], dtype=s.dtype) for s in specs]
             for i in range(0, total - batch + 1, batch)]
 
