@@ -92,6 +92,23 @@ def test_android_without_ndk_ships_objects(tmp_path, monkeypatch):
         artifact.run(zoo.random_inputs(zoo.ZOO["conv"]()))
 
 
+def test_android_links_with_the_ndk_compiler_it_is_given(tmp_path, monkeypatch):
+    """TVM_NDK_CC names the NDK's clang; a wrapper around the aarch64 cross gcc stands in for it here (the NDK
+    is not downloadable on this machine), so what is checked is that edgeq links model.so with that compiler."""
+    cross = require_tool("aarch64-linux-gnu-gcc")
+    log = tmp_path / "ndk-calls.log"
+    wrapper = tmp_path / "aarch64-linux-android24-clang"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {cross} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("ANDROID_NDK_HOME", raising=False)
+    monkeypatch.setenv("TVM_NDK_CC", str(wrapper))
+    artifact = edgeq.build(zoo.ZOO["conv"](), "android-arm64", tmp_path / "android")
+    library = artifact.manifest["library"]
+    assert (library["file"], library["kind"], library["linker"]) == ("model.so", "shared", wrapper.name)
+    assert elf_header(artifact.library)[:2] == (64, ELF_MACHINE["aarch64"])
+    assert "-shared" in log.read_text()
+
+
 @pytest.mark.parametrize("preset, arch", [("cuda-sm80", "x86_64"), ("jetson-orin", "aarch64")])
 def test_cuda_build_generates_kernels_that_nvcc_compiles(preset, arch, tmp_path):
     import tvm
