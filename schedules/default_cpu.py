@@ -226,20 +226,22 @@ def _loop_kinds(sch: Schedule, block, loops) -> list:
     return kinds
 
 
-def _vector_loop(sch: Schedule, block, loops, vector_bytes: int):
+def _vector_loop(sch: Schedule, block, loops, vector_bytes: int, along_reads: bool = False):
     """(loop, lanes) for the loop of the written buffer's innermost dimension.
 
     It is vectorisable when every read of the block is contiguous or invariant
     along it; lanes is the largest power-of-two divisor of its extent up to the
-    SIMD width (None when fewer than 4 lanes fit).
+    SIMD width (None when fewer than 4 lanes fit).  With ``along_reads`` the
+    loop is instead the one the reads' innermost dimension follows (a transpose
+    such as the model input's NCHW -> NHWC: vector loads, scattered stores).
     """
     stmt = sch.get(block)
     realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
     if len(stmt.writes) != 1:
         return None, None
     write = stmt.writes[0]
-    last = write.region[-1].min
-    ivar = next((iv.var for iv in stmt.iter_vars if iv.var.same_as(last)), None)
+    candidates = [read.region[-1].min for read in stmt.reads] if along_reads else [write.region[-1].min]
+    ivar = next((iv.var for iv in stmt.iter_vars for e in candidates if _stride(e, iv.var) == 1), None)
     if ivar is None:
         return None, None
     value = realize.iter_values[[iv.var.same_as(ivar) for iv in stmt.iter_vars].index(True)]
@@ -248,16 +250,19 @@ def _vector_loop(sch: Schedule, block, loops, vector_bytes: int):
         return None, None
     for read in stmt.reads:
         *outer, inner = [rng.min for rng in read.region] or [tirx.IntImm("int64", 0)]
-        if any(any(v.same_as(ivar) for v in undefined_vars(e)) for e in outer):
-            return None, None
-        coeff = detect_linear_equation(inner, [ivar])
-        if len(coeff) != 2 or not isinstance(coeff[0], tirx.IntImm) or int(coeff[0]) not in (0, 1):
+        if any(any(v.same_as(ivar) for v in undefined_vars(e)) for e in outer) or _stride(inner, ivar) not in (0, 1):
             return None, None
     lanes = vector_bytes * 8 // write.source.dtype.bits
     extent = int(sch.get(loop).extent)
     while lanes >= 4 and extent % lanes:
         lanes //= 2
     return (loop, lanes) if lanes >= 4 else (None, None)
+
+
+def _stride(index, var):
+    """Constant coefficient of ``var`` in a linear index expression, or None."""
+    coeff = detect_linear_equation(index, [var])
+    return int(coeff[0]) if len(coeff) == 2 and isinstance(coeff[0], tirx.IntImm) else None
 
 
 def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
@@ -349,14 +354,20 @@ def _pack_constant_operands(sch: Schedule, block, vloop, tile: int) -> None:
 
 
 def _vectorize_spatial(sch: Schedule, block, vector_bytes: int) -> None:
-    """Injective block: vectorise the innermost output dimension, parallelise the rest."""
+    """Injective block: vectorise the innermost output dimension (else the reads'), parallelise the rest."""
     loops = sch.get_loops(block)
     vloop, lanes = _vector_loop(sch, block, loops, vector_bytes)
+    if vloop is None:
+        vloop, lanes = _vector_loop(sch, block, loops, vector_bytes, along_reads=True)
     work = _extent_product(sch, loops)
     outer = list(loops)
-    if vloop is not None and vloop.same_as(loops[-1]):
+    if vloop is not None:
+        position = [lp.same_as(vloop) for lp in loops].index(True)
         vo, vi = sch.split(vloop, [None, lanes])
-        outer[-1] = vo
+        outer[position] = vo
+        inner = outer[position + 1:]  # a transpose: the loops of later output dimensions (usually short)
+        del outer[position + 1:]
+        sch.reorder(*outer, *inner, vi)
         sch.vectorize(vi)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
