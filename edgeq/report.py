@@ -63,6 +63,10 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
     total = _sample_count(arrays[specs[0].name], specs[0])
     used = len(batches) * batch
     label_values = _labels(arrays, labels, total, data)[:used] if labels is not None else None
+    classifier = _is_classifier(artifact.outputs[0].shape)
+    if labels is not None and not classifier:
+        raise EdgeqError(f"labels need a classifier output ([batch, classes]); {artifact.outputs[0].name} has "
+                         f"shape {list(artifact.outputs[0].shape)}")
 
     layers = q["quantized_layers"]
     shapes = {s.name: s.shape for s in specs}
@@ -96,8 +100,8 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         got = int8_taps[tap]
         ref = ref[:len(got)] if ref is not None else None
         op = g["op"] + (f"+{op_types.get(g['activation'], 'act')}" if g.get("activation") else "")
-        rows.append({"node": g["node"], "op": op,
-                     "tensor": g["output"], "sqnr_db": sqnr_db(ref, got) if ref is not None else None,
+        rows.append({"node": g["node"], "op": op, "tensor": g["output"],
+                     "sqnr_db": sqnr_db(ref, got) if ref is not None else None,
                      "max_abs_error": _max_abs(ref, got) if ref is not None else None, "worst": False})
     scored = [r for r in rows if r["sqnr_db"] is not None]
     worst = min(scored, key=lambda r: r["sqnr_db"]) if scored else None
@@ -105,7 +109,6 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         worst["worst"] = True
 
     first = out_names[0]
-    classifier = _is_classifier(artifact.outputs[0].shape)
     top1 = accuracy = None
     if classifier:
         ref_top, q_top = fp32[first].argmax(-1).reshape(-1), int8[first].argmax(-1).reshape(-1)
@@ -113,9 +116,6 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         if label_values is not None:
             accuracy = {"labels": labels, "fp32": float(np.mean(ref_top == label_values)),
                         "int8": float(np.mean(q_top == label_values))}
-    elif labels is not None:
-        raise EdgeqError(f"labels need a classifier output ([batch, classes]); {first} has shape "
-                         f"{list(artifact.outputs[0].shape)}")
     report = {
         "artifact": str(artifact.path), "model": m["model"]["name"], "preset": m["preset"],
         "method": q.get("method"), "samples": used, "dropped": total - used, "batch_size": batch,
@@ -240,21 +240,25 @@ def _artifact_runs_here(artifact) -> tuple[str, str]:
 
 def layer_table(report: dict) -> tuple[list[list], list[str]]:
     """(rows, header) of the per-layer SQNR table, worst layer marked."""
-    rows = [[r["node"], r["op"], r["tensor"], _db(r["sqnr_db"]),
+    rows = [[r["node"], r["op"], r["tensor"], _db(r["sqnr_db"], r["max_abs_error"]),
              "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.4g}", "<- worst" if r["worst"] else ""]
             for r in report["layers"]]
     return rows, ["layer", "op", "tensor", "SQNR dB", "max abs err", ""]
 
 
-def _db(value) -> str:
-    return "exact" if value is None else f"{value:.1f}"
+def _db(value, error) -> str:
+    if value is not None:
+        return f"{value:.1f}"
+    return "exact" if error == 0 else "n/a"
 
 
 def format_report(report: dict, layers: bool = True) -> str:
     """The report as text: summary lines, then (layers=True) the per-layer table."""
     r = report
     lines = [f"{r['model']} int8 ({r['method']}, {r['preset']}) vs fp32 on {r['samples']} samples"]
-    lines.append(f"  int8 from     {'the artifact (ran on this machine)' if r['int8_source'] == 'artifact' else 'quantized.onnx realized for this machine'}")
+    source = "the artifact (ran on this machine)" if r["int8_source"] == "artifact" else \
+        "quantized.onnx realized for this machine"
+    lines.append(f"  int8 from     {source}")
     if r["top1_agreement"] is not None:
         lines.append(f"  top-1         {r['top1_agreement']:.2%} agreement with fp32")
     if r["accuracy"]:
@@ -262,7 +266,8 @@ def format_report(report: dict, layers: bool = True) -> str:
         lines.append(f"  accuracy      fp32 {a['fp32']:.2%}, int8 {a['int8']:.2%} "
                      f"({(a['int8'] - a['fp32']) * 100:+.2f} points, labels {a['labels']!r})")
     for o in r["outputs"]:
-        lines.append(f"  output        {o['name']}: SQNR {_db(o['sqnr_db'])} dB, max abs error {o['max_abs_error']:.4g}")
+        lines.append(f"  output        {o['name']}: SQNR {_db(o['sqnr_db'], o['max_abs_error'])} dB, "
+                     f"max abs error {o['max_abs_error']:.4g}")
     for note in r["notes"]:
         lines.append(f"  note          {note}")
     if layers:
@@ -310,7 +315,7 @@ def plot_report(report: dict, fp32: np.ndarray, int8: np.ndarray, path: str | os
     out = report["outputs"][0]
     scatter.set_xlabel(f"fp32 {out['name']}")
     scatter.set_ylabel(f"int8 {out['name']}")
-    scatter.set_title(f"{out['name']}: SQNR {_db(out['sqnr_db'])} dB")
+    scatter.set_title(f"{out['name']}: SQNR {_db(out['sqnr_db'], out['max_abs_error'])} dB")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
