@@ -113,10 +113,12 @@ def unsupported_ops(proto: onnx.ModelProto) -> dict[str, list[str]]:
     """{op type: [node names]} for every node the Relax ONNX frontend cannot convert."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    from relay_passes.quantize.qlinear import REWRITES
+
     known = set(_get_convert_map()) | {"If", "Constant"}
     missing: dict[str, list[str]] = defaultdict(list)
     for i, node in enumerate(_nodes(proto.graph)):
-        if node.op_type not in known:
+        if node.op_type not in known and (node.domain if node.domain != "ai.onnx" else "", node.op_type) not in REWRITES:
             domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
             missing[domain + node.op_type].append(node.name or f"#{i}")
     return dict(missing)

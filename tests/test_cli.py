@@ -131,7 +131,7 @@ def test_inspect_lists_unsupported_ops(cli, tmp_path):
     path = tmp_path / "unsupported.onnx"
     onnx.save(zoo.unsupported_ops_model(), path)
     code, out, _ = cli("inspect", path)
-    assert code == 0 and "unsupported: QLinearConv (qconv_a, qconv_b); Celu (celu_c)" in out
+    assert code == 0 and "unsupported: LpNormalization (lpnorm_a, lpnorm_b); Celu (celu_c)" in out
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ Public API:
     ZOO                      name -> zero-argument builder
     random_inputs(model)     feeds for a model's runtime inputs
     dynamic_batch_model()    conv/relu/flatten/gemm with input dim "batch"
-    unsupported_ops_model()  QLinearConv x2 + Celu, which TVM's Relax ONNX
+    unsupported_ops_model()  LpNormalization x2 + Celu, which TVM's Relax ONNX
                              frontend cannot convert
 """
 
@@ -225,27 +225,20 @@ def dynamic_batch_model() -> onnx.ModelProto:
     return g.model({"x": ["batch", 3, 16, 16]}, "dynamic_batch")
 
 
-UNSUPPORTED_OPS = {"QLinearConv": ["qconv_a", "qconv_b"], "Celu": ["celu_c"]}
+UNSUPPORTED_OPS = {"LpNormalization": ["lpnorm_a", "lpnorm_b"], "Celu": ["celu_c"]}
 
 
 def unsupported_ops_model() -> onnx.ModelProto:
-    """x -> QuantizeLinear -> QLinearConv (qconv_a) -> QLinearConv (qconv_b)
-    -> DequantizeLinear -> Celu (celu_c) -> out.
+    """x -> LpNormalization (lpnorm_a) -> LpNormalization (lpnorm_b) -> Celu (celu_c) -> out.
 
-    QLinearConv and Celu are standard ai.onnx ops absent from TVM 0.27's Relax
-    ONNX convert map (see ``UNSUPPORTED_OPS``); the model itself is valid and
-    runs in onnxruntime.
+    LpNormalization and Celu are standard ai.onnx ops absent from TVM 0.27's Relax ONNX convert map (see
+    ``UNSUPPORTED_OPS``); the model itself is valid and runs in onnxruntime.  (QLinearConv, also absent there,
+    is imported by edgeq through its QDQ rewrite.)
     """
     g = _Graph(seed=7)
-    s, zp = g.const(0.05), g.const(128, np.uint8)
-    w_s, w_zp = g.const(0.02), g.const(0, np.int8)
-    q = g.op("QuantizeLinear", "x", s, zp)
-    for name in UNSUPPORTED_OPS["QLinearConv"]:
-        w = g.const(g.rng.integers(-8, 9, (4, 4, 3, 3)), np.int8)
-        g.nodes.append(helper.make_node(
-            "QLinearConv", [q, s, zp, w, w_s, w_zp, s, zp], [name + "_out"], name=name,
-            kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-        q = name + "_out"
-    d = g.op("DequantizeLinear", q, s, zp)
-    g.nodes.append(helper.make_node("Celu", [d], ["out"], name="celu_c", alpha=1.0))
+    x = "x"
+    for name in UNSUPPORTED_OPS["LpNormalization"]:
+        g.nodes.append(helper.make_node("LpNormalization", [x], [name + "_out"], name=name, axis=1, p=2))
+        x = name + "_out"
+    g.nodes.append(helper.make_node("Celu", [x], ["out"], name="celu_c", alpha=1.0))
     return g.model({"x": [1, 4, 8, 8]}, "unsupported_ops")

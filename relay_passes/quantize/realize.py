@@ -101,10 +101,6 @@ class QTensor:
     dtype: str
     layout: str  # "NHWC": a 4-D tensor of the model (NCHW) kept channels-last; "native": the model's layout
 
-    @property
-    def qparams(self) -> scheme.QParams:
-        return scheme.QParams(np.asarray(self.scale, np.float32), np.asarray(self.zero_point, np.int32), self.dtype)
-
 
 def activation_dtype(target) -> str:
     """uint8 where the dot product is u8 x s8 (x86 VNNI), int8 where it is s8 x s8 (ARM sdot / NEON)."""
