@@ -40,3 +40,10 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is missing on CI; `make toolchains` should have installed it")
         pytest.skip(f"{name} not installed (make toolchains installs it)")
     return path
+
+
+def llvm_assembly(executable) -> str:
+    """The CPU assembly of a compiled module and everything it imports."""
+    from edgeq.build import _modules
+
+    return "\n".join(m.inspect_source("asm") for m in _modules(executable.mod) if m.kind == "llvm")

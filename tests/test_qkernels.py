@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import tvm
+from conftest import llvm_assembly
 from tvm import relax, topi
 
 import targets
@@ -39,13 +40,6 @@ def run(ex, *inputs):
     return vm["main"](*[tvm.runtime.tensor(x) for x in inputs]).numpy()
 
 
-def assembly(ex) -> str:
-    def modules(mod):
-        yield mod
-        for child in mod.imports:
-            yield from modules(child)
-
-    return "\n".join(m.inspect_source("asm") for m in modules(ex.mod) if m.kind == "llvm")
 
 
 def random_q(rng, shape, dtype):
@@ -210,7 +204,7 @@ def test_conv_fused_with_quantize_and_dequantize():
                                  scheme.QParams(np.float32(0.02), np.int32(5), "uint8"))
     np.testing.assert_array_equal(run(ex, x), expected)
     if _host_has("avx512vnni"):
-        assert "vpdpbusd" in assembly(ex)
+        assert "vpdpbusd" in llvm_assembly(ex)
 
 
 def _transposed_qconv2d(x, *consts, **attrs):
@@ -225,7 +219,7 @@ def test_producer_fused_into_conv_is_materialized_and_tensorized():
     np.testing.assert_array_equal(run(ex, np.ascontiguousarray(data.transpose(0, 3, 1, 2))),
                                   qkernels.reference_qconv2d(data, *consts, **attrs))
     if _host_has("avx512vnni"):
-        assert "vpdpbusd" in assembly(ex)
+        assert "vpdpbusd" in llvm_assembly(ex)
 
 
 def _host_has(feature: str) -> bool:
@@ -236,7 +230,7 @@ def _host_has(feature: str) -> bool:
 def _conv_asm(target: str, dtype: str, in_channels=32, out_channels=32, groups=1) -> str:
     rng = np.random.default_rng(7)
     data, consts, attrs = conv_case(rng, (1, 8, 8, in_channels), out_channels, 3, dtype=dtype, groups=groups)
-    return assembly(build(qkernels.qconv2d, [data], consts, target=target, **attrs))
+    return llvm_assembly(build(qkernels.qconv2d, [data], consts, target=target, **attrs))
 
 
 @pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")
@@ -269,7 +263,7 @@ def test_avx2_build_uses_pmaddwd_and_matches_numpy(dtype):
     rng = np.random.default_rng(8)
     data, consts, attrs = conv_case(rng, (1, 9, 9, 16), 24, 3, dtype=dtype)
     ex = build(qkernels.qconv2d, [data], consts, target="x86-avx2", **attrs)
-    assert re.search(r"\bvpmaddwd\b", assembly(ex))
+    assert re.search(r"\bvpmaddwd\b", llvm_assembly(ex))
     np.testing.assert_array_equal(run(ex, data), qkernels.reference_qconv2d(data, *consts, **attrs))
 
 
@@ -311,7 +305,7 @@ def test_arm_kernels_match_numpy_on_emulated_board(board):
         remote = rpc.connect("127.0.0.1", port, session_timeout=300)
         for i, (kernel, data, consts, attrs, expected, dot) in enumerate(cases):
             ex = build(kernel, [data], consts, target=board, **attrs)
-            assert re.search(rf"^\s+{dot}\s+v", assembly(ex), re.M)
+            assert re.search(rf"^\s+{dot}\s+v", llvm_assembly(ex), re.M)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"qkernel_{board}_{i}.so"
                 ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))

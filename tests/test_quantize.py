@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
 import targets
-from conftest import ort_outputs
+from conftest import llvm_assembly, ort_outputs
 from edgeq.errors import EdgeqError
 from relay_passes.quantize import prepare, realize
 
@@ -316,13 +316,13 @@ def test_models_quantized_by_onnxruntime_build_to_integer_kernels(fmt, tmp_path)
 def test_int8_digits_model_uses_the_boards_dot_product(preset, instruction, absent):
     import re
 
-    from edgeq.build import _modules, compile_module
+    from edgeq.build import compile_module
     from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL
     from edgeq.frontend import load_onnx
 
     imported = load_onnx(DIGITS_MODEL, {"image": (1, 1, 8, 8)})
     quantized = edgeq.quantize(imported, DIGITS_CALIB)
     executable = compile_module(imported, targets.resolve(preset), quantized.qdq)
-    asm = "\n".join(m.inspect_source("asm") for m in _modules(executable.mod) if m.kind == "llvm")
+    asm = llvm_assembly(executable)
     assert re.search(instruction, asm)
     assert absent is None or not re.search(absent, asm)

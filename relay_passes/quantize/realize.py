@@ -65,11 +65,10 @@ def extract_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
                 if len(node.input) > 2 and node.input[2] else np.zeros(scale.shape, np.int32))
         if values.dtype not in (np.int8, np.uint8) or values.ndim < 2:
             continue
-        shifted = values.astype(np.int32) - zero.reshape(_axis_shape(values.ndim, node, scale))
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim if scale.ndim else None
+        shifted = values.astype(np.int32) - zero.reshape(_axis_shape(values.ndim, axis))
         if not np.all(zero == (128 if values.dtype == np.uint8 else 0)) or shifted.min() < -128:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
-        axis = None if axis is None else axis % values.ndim
         weight = Weight(shifted.astype(np.int8), scale, axis)
         real = scheme.dequantize(weight.values, scheme.QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis))
         table[_key(real)] = weight
@@ -82,12 +81,11 @@ def extract_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     return model, table
 
 
-def _axis_shape(ndim: int, node, scale: np.ndarray) -> list[int]:
-    if scale.ndim == 0:
-        return [1] * ndim
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % ndim
+def _axis_shape(ndim: int, axis: int | None) -> list[int]:
+    """Shape that broadcasts per-channel parameters along ``axis`` (all ones when per tensor)."""
     shape = [1] * ndim
-    shape[axis] = -1
+    if axis is not None:
+        shape[axis] = -1
     return shape
 
 
