@@ -128,7 +128,6 @@ def test_realized_graph_is_integer_end_to_end():
     """A conv -> relu -> pool -> conv -> add -> gap -> gemm chain has no float op between quantize and dequantize."""
     from tvm import relax
 
-    from edgeq.frontend import load_onnx
     from relay_passes.quantize import realize_onnx
 
     model = _model([
@@ -149,10 +148,9 @@ def test_realized_graph_is_integer_end_to_end():
     kernels = sorted(str(c.args[0].name_hint) for c in calls if getattr(c.op, "name", "") == "relax.call_tir")
     assert ops.count("relax.quantize") == 1 and ops.count("relax.dequantize") == 1
     assert not {"relax.nn.conv2d", "relax.matmul", "relax.add", "relax.nn.max_pool2d", "relax.mean"} & set(ops)
-    assert kernels == sorted(["qconv2d", "qconv2d1", "qmax_pool2d", "qadd", "qavg_pool2d", "qdense"]) or \
-        {k.rstrip("0123456789") for k in kernels} == {"qconv2d", "qmax_pool2d", "qadd", "qavg_pool2d", "qdense"}
+    assert sorted(k.rstrip("0123456789") for k in kernels) == sorted(
+        ["qconv2d", "qconv2d", "qmax_pool2d", "qadd", "qavg_pool2d", "qdense"])
     feeds = _feeds(model)
-    _ = load_onnx(model)
     ours = _run_host(model, quantized.qdq)(feeds)
     fp32 = _run_host(model)(feeds)
     sqnr = 10 * np.log10(np.sum(fp32**2) / np.sum((fp32 - ours) ** 2))
@@ -219,7 +217,6 @@ def test_int8_realization_equals_uint8_realization():
     import tvm
     from tvm import relax
 
-    from edgeq.frontend import load_onnx
     from relay_passes import pipeline
     from relay_passes.quantize import realize_onnx
     from schedules.lowering import lowering_pipeline
@@ -231,7 +228,6 @@ def test_int8_realization_equals_uint8_realization():
         mod = pipeline.optimize(realize_onnx(quantized.qdq, dtype))
         vm = relax.VirtualMachine(tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target)), tvm.cpu())
         results.append(vm["main"](tvm.runtime.tensor(feeds["x"])).numpy())
-    assert load_onnx(model).inputs[0].name == "x"
     np.testing.assert_array_equal(results[0], results[1])
 
 
