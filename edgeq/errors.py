@@ -51,6 +51,5 @@ def interruptible():
 
 
 def raise_if_interrupted() -> None:
-    if _interrupted.is_set():
-        _interrupted.clear()
+    if _interrupted.is_set():  # the flag stays set: a KeyboardInterrupt raised here may cross C++ and be wrapped
         raise KeyboardInterrupt

@@ -151,3 +151,30 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().endswith("edgeq: interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mbv2.onnx"]
+
+
+def test_ctrl_c_inside_a_tvm_pass_stays_an_interrupt():
+    """TVM wraps a KeyboardInterrupt raised in a Python pass as a RuntimeError; the interrupt must survive that."""
+    import os
+    import signal
+
+    import tvm
+
+    from edgeq.errors import interruptible, raise_if_interrupted
+
+    @tvm.transform.module_pass(opt_level=0)
+    def interrupted_pass(mod, ctx):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler raises here, inside C++'s call of this pass
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0)
+    def checking_pass(mod, ctx):
+        try:
+            return interrupted_pass(mod)
+        except Exception:  # what schedule code that tolerates failures does
+            raise_if_interrupted()
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        with interruptible():
+            tvm.transform.Sequential([checking_pass])(tvm.IRModule())
