@@ -87,36 +87,50 @@ def _modules(module):
         yield from _modules(child)
 
 
-def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
-    """Graph passes, lowering and code generation: the in-memory executable.
-
-    A QDQ model (given, or the imported model itself when it is pre-quantized) is realized into integer kernels.
-    """
-    import tvm
+def graph_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
+    """The Relax module after graph passes. A QDQ model (given, or the imported model itself when it is
+    pre-quantized) is realized into integer kernels."""
     from relay_passes import pipeline
     from relay_passes.quantize import is_quantized, realize, realize_onnx
+
+    if qdq is None and is_quantized(model.onnx_model):
+        qdq = model.onnx_model
+    target = targets.tvm_target(preset)
+    return pipeline.optimize(model.mod if qdq is None else realize_onnx(qdq, realize.activation_dtype(target), target))
+
+
+def codegen(mod, preset: targets.Preset, tuning_dbs=()):
+    """Lowering and code generation: kernels with a record in one of `tuning_dbs` (directories) that beats the
+    default schedule get the tuned schedule."""
+    import tvm
     from schedules.lowering import lowering_pipeline
 
     target = targets.tvm_target(preset)
-    if qdq is None and is_quantized(model.onnx_model):
-        qdq = model.onnx_model
-    mod = model.mod if qdq is None else realize_onnx(qdq, realize.activation_dtype(target))
-    mod = pipeline.optimize(mod)
     with target:  # TVM's CUDA codegen callbacks read the architecture from the current target
-        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
+        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target, tuning_dbs))
+
+
+def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
+    """Graph passes, lowering and code generation with default schedules: the in-memory executable."""
+    return codegen(graph_module(model, preset, qdq), preset)
 
 
 def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
           quantize: str | None = None, calibration=None, calib_method: str = "minmax",
-          exclude: tuple[str, ...] = (), per_channel: bool = True, **calib_options) -> Artifact:
+          exclude: tuple[str, ...] = (), per_channel: bool = True, tuning_db: str | os.PathLike | None = None,
+          shipped_tuning: bool = True, substitute: dict | bool | None = None, **calib_options) -> Artifact:
     """Compile an ONNX model (path, ModelProto, ImportedModel or edgeq.QuantizedModel) into an artifact dir.
 
     quantize="int8" calibrates on `calibration` first (see edgeq.quantize for the options); a model that is
     already quantized (QDQ / QLinear ops) is compiled to integer kernels as it is.
-    Without out_dir the artifact goes to a fresh temporary directory.
+    Without out_dir the artifact goes to a fresh temporary directory. tuning_db: an `edgeq tune` work dir whose
+    records for this target are applied (with edgeq's shipped records unless shipped_tuning=False).
+    substitute: True or the options of relay_passes.substitution.substitute (alpha, budget, cost).
     """
     import tvm
+
+    from schedules.database import databases_for
 
     from .quantize import MODES, QuantizedModel
     from .quantize import quantize as quantize_model
@@ -133,13 +147,19 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
         elif not isinstance(model, ImportedModel):
             model = load_onnx(model, input_shapes)
         preset = targets.resolve(target)
+        tuning_dbs = databases_for(preset, tuning_db, shipped_tuning) if not preset.is_gpu else []
         if quantize is not None and quantized is None:
             step("calibrate")
             quantized = quantize_model(model, calibration, calib_method, exclude, per_channel,
-                                       progress=progress, **calib_options)
+                                       progress=progress, mode=quantize, **calib_options)
         step("compile")
         qdq = quantized.qdq if quantized is not None else None
-        executable = compile_module(model, preset, qdq)
+        mod, substituted = graph_module(model, preset, qdq), None
+        if substitute:
+            from relay_passes.substitution import substitute as substitute_graph
+
+            mod, substituted = substitute_graph(mod, preset, **({} if substitute is True else substitute))
+        executable = codegen(mod, preset, tuning_dbs)
         out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
         with atomic_directory(out_dir) as stage:
             step("link")
@@ -163,6 +183,8 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
                 "inputs": [s.to_dict() for s in model.inputs],
                 "outputs": [s.to_dict() for s in model.outputs],
                 "quantization": _quantization_summary(model, quantized),
+                "tuning": {"databases": [str(d) for d in tuning_dbs]},
+                **({"substitution": substituted.summary()} if substituted is not None else {}),
                 **({"cuda": cuda} if cuda else {}),
             })
         step("verify")

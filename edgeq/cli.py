@@ -1,4 +1,4 @@
-"""The `edgeq` command: compile, run, bench, eval, inspect, targets, demo.
+"""The `edgeq` command: compile, tune, substitute, run, bench, eval, inspect, targets, deploy, demo.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal error (--verbose for the traceback).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections import Counter
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeqError, one_line
+
+
+QUANTIZE_MODES = ["int8", "w2a2", "w2a8", "w4a4"]  # edgeq.quantize.MODES, without importing TVM for --help
 
 
 def _print_table(rows: list[list], header: list[str]) -> None:
@@ -42,7 +46,10 @@ def cmd_compile(args) -> None:
                      input_shapes=parse_input_shapes(args.input_shape), progress=True,
                      quantize=args.quantize, calibration=args.calib, calib_method=args.calib_method,
                      exclude=tuple(x for item in args.exclude or [] for x in item.split(",") if x),
-                     per_channel=not args.per_tensor, **options)
+                     per_channel=not args.per_tensor, tuning_db=args.tuning_db, shipped_tuning=not args.no_shipped_tuning,
+                     substitute=_substitute_options(args) if args.substitute else None,
+                     **({"keep_8bit": _keep_8bit(args.keep_8bit)} if args.quantize not in (None, "int8") else {}),
+                     **options)
     m = artifact.manifest
     q = m["quantization"]
     mode = q["mode"] if q["mode"] == "fp32" else (
@@ -51,6 +58,121 @@ def cmd_compile(args) -> None:
           f"{m['library']['file']} {_mb(artifact.size_bytes())})")
     if m["library"]["kind"] != "shared":
         print(f"note: {m['library']['note']}")
+
+
+def _keep_8bit(text: str) -> tuple[str, ...]:
+    return () if text.strip() == "none" else tuple(x for x in text.split(",") if x)
+
+
+def _substitute_options(args) -> dict:
+    return {"alpha": args.alpha, "budget": args.budget, "cost": args.cost}
+
+
+def _remote(args):
+    from schedules.tune import Remote
+
+    from .deploy.rpc import parse_address
+
+    if args.rpc and args.tracker:
+        raise EdgeqError("give --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+    if args.tracker and not args.key:
+        raise EdgeqError("--tracker needs --key (the device key registered with the tracker)")
+    if not (args.rpc or args.tracker):
+        return None
+    host, port = parse_address(args.rpc or args.tracker)
+    return Remote(host, port, key=args.key if args.tracker else None, timeout=args.timeout)
+
+
+def cmd_substitute(args) -> None:
+    import targets
+    from relay_passes.substitution import substitute
+
+    from .build import graph_module
+    from .frontend import load_onnx
+    from .tensors import parse_input_shapes
+
+    model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+    preset = targets.resolve(args.target)
+    _, report = substitute(graph_module(model, preset), preset, **_substitute_options(args))
+    print(report.format(verbose=args.report))
+
+
+def cmd_tune(args) -> None:
+    import targets
+    from schedules import tune
+
+    if args.report:
+        _tune_report(args.report, args.plot)
+        return
+    if not args.model:
+        raise EdgeqError("tune needs a model (or --report DIR)")
+    from .build import graph_module
+    from .frontend import load_onnx
+    from .quantize import quantize
+    from .errors import interruptible
+    from .tensors import parse_input_shapes
+
+    with interruptible():
+        model = load_onnx(args.model, parse_input_shapes(args.input_shape))
+        preset = targets.resolve(args.target)
+        qdq = None
+        if args.quantize:
+            if not args.calib:
+                raise EdgeqError(f"--quantize {args.quantize} needs calibration data (--calib)")
+            qdq = quantize(model, args.calib, args.calib_method, progress=True, mode=args.quantize).qdq
+        result = tune.tune(graph_module(model, preset, qdq), preset, args.work_dir, args.trials,
+                           per_iteration=args.per_iteration, max_per_task=args.per_task, remote=_remote(args),
+                           progress=True)
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    rows = [[t.name[:48], t.status, t.trials, _ms(t.default_ms), _ms(t.best_ms),
+             f"{t.default_ms / t.best_ms:.2f}x" if t.default_ms and t.best_ms else "-"] for t in result.tasks]
+    _print_table(rows, ["task", "status", "trials", "default ms", "best tuned ms", "speedup"])
+    print(f"database: {result.directory} ({result.trials_run} trials this run); "
+          f"apply it with: edgeq compile {args.model} --target {args.target} --tuning-db {args.work_dir} -o OUT")
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _tune_report(directory: str, plot: str | None) -> None:
+    from pathlib import Path
+
+    from schedules import tune
+
+    try:
+        rows = tune.report(directory)
+    except FileNotFoundError:
+        subdirs = [d for d in sorted(Path(directory).glob("*/")) if (d / "database_tuning_record.json").exists()]
+        if not subdirs:
+            raise EdgeqError(f"no tuning database in {directory}") from None
+        for sub in subdirs:
+            print(f"{sub.name}:")
+            _tune_report(str(sub), None if plot is None else str(Path(plot).with_suffix(f".{sub.name}.png")))
+        return
+    table = [[r["task"][:48], r["trials"], _ms(r["default_ms"]), _ms(r["best_ms"]),
+              f"{r['default_ms'] / r['best_ms']:.2f}x" if r["default_ms"] and r["best_ms"] else "-",
+              "yes" if r["complete"] else "no"] for r in rows]
+    _print_table(table, ["task", "trials", "default ms", "best tuned ms", "speedup", "complete"])
+    if plot:
+        from .report import plot_tuning_curves
+
+        plot_tuning_curves(rows, plot)
+        print(f"wrote {plot}")
+
+
+def cmd_sawb_fit(args) -> None:
+    from relay_passes.quantize import sawb
+
+    fit = sawb.fit_coefficients(args.bits)
+    rows = [[name, f"{rms:.4f}", f"{mean_abs:.4f}", f"{best:.4f}", f"{fit.c1 * rms - fit.c2 * mean_abs:.4f}"]
+            for name, (rms, mean_abs, best) in fit.points.items()]
+    _print_table(rows, ["distribution", "sqrt E[w^2]", "E|w|", "MSE-optimal alpha", "fitted alpha"])
+    published = sawb.coefficients(args.bits)
+    print(f"{args.bits}-bit SAWB fit: c1 = {fit.c1:.3f}, c2 = {fit.c2:.3f} (R^2 {fit.r2:.3f}, worst alpha error "
+          f"{fit.max_rel_error:.1%}); published: " + (f"c1 = {published[0]}, c2 = {published[1]}" if published
+                                                      else "none"))
 
 
 def cmd_run(args) -> None:
@@ -222,6 +344,15 @@ def cmd_demo(args) -> None:
     run_demo(args.output)
 
 
+def substitution_flags(p, switch: str | None = None) -> None:
+    if switch:
+        p.add_argument(switch, action="store_true", help="rewrite the graph with relaxed graph substitution first")
+    p.add_argument("--alpha", type=float, default=1.05, help="search relaxation: keep graphs costing < alpha x best")
+    p.add_argument("--budget", type=int, default=300, help="graphs the search may expand")
+    p.add_argument("--cost", choices=["measured", "analytic"], default="measured",
+                   help="op costs measured on this machine (cached) or estimated from FLOPs and bytes")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeq", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
@@ -238,8 +369,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="preset name (see `edgeq targets`) or a raw TVM target JSON")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
-    p.add_argument("--quantize", choices=["int8"], help="quantize with calibration data (--calib); models that "
-                   "are already quantized (QDQ / QLinear ops) are compiled to integer kernels without this flag")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize with calibration data (--calib): int8 "
+                   "(w8a8), or SAWB weights / PACT activations at 2 or 4 bits (w2a2, w2a8, w4a4) on bit-serial "
+                   "popcount kernels; models that are already quantized (QDQ / QLinear ops) are compiled to integer "
+                   "kernels without this flag")
+    p.add_argument("--keep-8bit", metavar="LAYERS", default="first,last",
+                   help="low-bit modes: layers kept at 8 bits: 'first', 'last', node names (comma-separated; "
+                   "'none' for none)")
     p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz (keys = input names, samples on "
                    "axis 0) or a directory of .npy/.npz batches")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
@@ -247,6 +383,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="NODES",
                    help="keep these in float: node names, op types, 'first', 'last' (comma-separated, repeatable)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.add_argument("--tuning-db", metavar="DIR", help="apply the records of an `edgeq tune` work dir for this target")
+    p.add_argument("--no-shipped-tuning", action="store_true",
+                   help="do not use the pre-tuned records edgeq ships for the preset")
+    substitution_flags(p, "--substitute")
+
+    p = command("substitute", cmd_substitute, "rewrite a model's graph into a cheaper equivalent (MetaFlow) "
+                "and report the rules applied, cost before/after and search time")
+    p.add_argument("model", help="model.onnx")
+    p.add_argument("--target", default="host", help="preset whose costs guide the search")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
+    p.add_argument("--report", action="store_true", help="also say what each applied rule does")
+    substitution_flags(p)
+
+    p = command("tune", cmd_tune, "tune a model's kernels with MetaSchedule into a resumable database")
+    p.add_argument("model", nargs="?", help="model.onnx")
+    p.add_argument("--target", default="host", help="preset name (see `edgeq targets`)")
+    p.add_argument("--work-dir", default="edgeq-tuning", help="tuning work dir (one database per target)")
+    p.add_argument("--trials", type=int, default=200, help="candidates to measure for this model, in total")
+    p.add_argument("--per-task", type=int, help="at most this many candidates per kernel")
+    p.add_argument("--per-iteration", type=int, default=16, help="candidates measured per search round")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="tune the quantized model's kernels (needs --calib)")
+    p.add_argument("--calib", metavar="DATA", help="calibration inputs for --quantize")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on a TVM RPC server (no authentication)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="measure on a device from a TVM RPC tracker")
+    p.add_argument("--key", help="the device key registered with the tracker")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one measurement session on the device")
+    p.add_argument("--report", metavar="DIR", help="print the per-task table of a database (or work dir) instead")
+    p.add_argument("--plot", metavar="PNG", help="with --report: write the tuning curves (best latency vs trials)")
+
+    p = command("sawb-fit", cmd_sawb_fit, "re-derive the SAWB coefficients (c1, c2) the paper's way: MSE-optimal "
+                "clipping over several weight distributions, then a linear fit")
+    p.add_argument("--bits", type=int, default=2, help="weight bit width (2, 3, 4, ...)")
 
     p = command("run", cmd_run, "run an artifact on this machine")
     p.add_argument("artifact")
@@ -309,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeq: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup at exit
         print("edgeq: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug in edgeq or TVM: say so, keep the traceback behind --verbose

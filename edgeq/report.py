@@ -101,6 +101,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         ref = ref[:len(got)] if ref is not None else None
         op = g["op"] + (f"+{op_types.get(g['activation'], 'act')}" if g.get("activation") else "")
         rows.append({"node": g["node"], "op": op, "tensor": g["output"],
+                     "precision": f"w{g.get('weight_bits', 8)} a{g.get('output_bits', 8)}",
                      "sqnr_db": sqnr_db(ref, got) if ref is not None else None,
                      "max_abs_error": _max_abs(ref, got) if ref is not None else None, "worst": False})
     scored = [r for r in rows if r["sqnr_db"] is not None]
@@ -118,7 +119,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
                         "int8": float(np.mean(q_top == label_values))}
     report = {
         "artifact": str(artifact.path), "model": m["model"]["name"], "preset": m["preset"],
-        "method": q.get("method"), "samples": used, "dropped": total - used, "batch_size": batch,
+        "mode": q.get("mode", "int8"), "method": q.get("method"), "samples": used, "dropped": total - used, "batch_size": batch,
         "int8_source": int8_source, "top1_agreement": top1, "accuracy": accuracy,
         "outputs": [{"name": n, "sqnr_db": sqnr_db(fp32[n], int8[n]), "max_abs_error": _max_abs(fp32[n], int8[n])}
                     for n in out_names],
@@ -240,10 +241,10 @@ def _artifact_runs_here(artifact) -> tuple[str, str]:
 
 def layer_table(report: dict) -> tuple[list[list], list[str]]:
     """(rows, header) of the per-layer SQNR table, worst layer marked."""
-    rows = [[r["node"], r["op"], r["tensor"], _db(r["sqnr_db"], r["max_abs_error"]),
+    rows = [[r["node"], r["op"], r["tensor"], r.get("precision", "w8 a8"), _db(r["sqnr_db"], r["max_abs_error"]),
              "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.4g}", "<- worst" if r["worst"] else ""]
             for r in report["layers"]]
-    return rows, ["layer", "op", "tensor", "SQNR dB", "max abs err", ""]
+    return rows, ["layer", "op", "tensor", "bits", "SQNR dB", "max abs err", ""]
 
 
 def _db(value, error) -> str:
@@ -255,15 +256,16 @@ def _db(value, error) -> str:
 def format_report(report: dict, layers: bool = True) -> str:
     """The report as text: summary lines, then (layers=True) the per-layer table."""
     r = report
-    lines = [f"{r['model']} int8 ({r['method']}, {r['preset']}) vs fp32 on {r['samples']} samples"]
+    mode = r.get("mode", "int8")
+    lines = [f"{r['model']} {mode} ({r['method']}, {r['preset']}) vs fp32 on {r['samples']} samples"]
     source = "the artifact (ran on this machine)" if r["int8_source"] == "artifact" else \
         "quantized.onnx realized for this machine"
-    lines.append(f"  int8 from     {source}")
+    lines.append(f"  {mode:<4} from     {source}")
     if r["top1_agreement"] is not None:
         lines.append(f"  top-1         {r['top1_agreement']:.2%} agreement with fp32")
     if r["accuracy"]:
         a = r["accuracy"]
-        lines.append(f"  accuracy      fp32 {a['fp32']:.2%}, int8 {a['int8']:.2%} "
+        lines.append(f"  accuracy      fp32 {a['fp32']:.2%}, {mode} {a['int8']:.2%} "
                      f"({(a['int8'] - a['fp32']) * 100:+.2f} points, labels {a['labels']!r})")
     for o in r["outputs"]:
         lines.append(f"  output        {o['name']}: SQNR {_db(o['sqnr_db'], o['max_abs_error'])} dB, "
@@ -316,6 +318,31 @@ def plot_report(report: dict, fp32: np.ndarray, int8: np.ndarray, path: str | os
     scatter.set_xlabel(f"fp32 {out['name']}")
     scatter.set_ylabel(f"int8 {out['name']}")
     scatter.set_title(f"{out['name']}: SQNR {_db(out['sqnr_db'], out['max_abs_error'])} dB")
+    return _save_png(fig, Path(path))
+
+
+def plot_tuning_curves(rows: list[dict], path: str | os.PathLike) -> Path:
+    """PNG: each tuned kernel's best latency vs trials (log scale), its default schedule as a dashed line."""
+    FigureCanvasAgg, Figure = _matplotlib()
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, row in enumerate(r for r in rows if r["best_ms"] is not None):
+        color = f"C{i % 10}"
+        curve = [v if np.isfinite(v) else np.nan for v in row["curve_ms"]]
+        ax.plot(range(1, len(curve) + 1), curve, color=color, label=row["task"][:40])
+        if row["default_ms"]:
+            ax.axhline(row["default_ms"], color=color, linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("best latency (ms); dashed: default schedule")
+    ax.set_title("tuning curves")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save_png(fig, Path(path))
+
+
+def _save_png(fig, path: Path) -> Path:
+    """Written atomically: a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -47,6 +47,7 @@ _ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 _MAX_UNROLL_TILE = 8  # rows of the register tile (x 1-2 vectors each = accumulators)
 _MIN_PARALLEL_WORK = 16384  # below this many loop iterations threads cost more than they give
 _MAX_INLINED_PAD_REDUCTION = 32  # see _inline_injective
+SCHEDULED = "tirx.is_scheduled"  # TVM's mark of a scheduled PrimFunc (also set by applying a tuning database)
 
 
 def default_cpu_layout_passes(target: tvm.target.Target) -> list:  # pylint: disable=unused-argument
@@ -66,7 +67,11 @@ def default_cpu_layout_passes(target: tvm.target.Target) -> list:  # pylint: dis
 
 
 def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Module pass: schedule every not-yet-scheduled PrimFunc for a multi-core SIMD CPU."""
+    """Module pass: schedule every not-yet-scheduled PrimFunc for a multi-core SIMD CPU.
+
+    Expects the weight parameters marked by relax.transform.AttachAttrLayoutFreeBuffers (lowering.pre_schedule),
+    so their repacking becomes a separate call evaluated at compile time.
+    """
     vector_bytes = _vector_bytes(target)
     intrins = dot_intrins(target)
 
@@ -81,14 +86,13 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
             except _ERRORS:
                 raise_if_interrupted()
                 continue
-            updates[gvar] = sch.mod["main"].with_attr("tir.is_scheduled", True)
+            updates[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod
 
     return tvm.transform.Sequential(
         [
-            relax.transform.AttachAttrLayoutFreeBuffers(),  # marks weight params for repacking
             _schedule,
             relax.transform.SplitLayoutRewritePreproc(),  # repacking -> separate call_tir
             relax.transform.FoldConstant(),  # ... evaluated at compile time
@@ -110,7 +114,12 @@ def _vector_bytes(target: tvm.target.Target) -> int:
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return func.attrs is not None and bool(func.attrs.get("tir.is_scheduled", False))
+    return func.attrs is not None and bool(func.attrs.get(SCHEDULED, False))
+
+
+def default_schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """One PrimFunc with the default schedule (what tuning must beat)."""
+    return _schedule_func(func, _vector_bytes(target), dot_intrins(target)).mod["main"]
 
 
 def _schedule_func(func: tirx.PrimFunc, vector_bytes: int, intrins=()) -> Schedule:

@@ -1,7 +1,7 @@
 """Relax -> TIR lowering per target kind, with the best schedules available without tuning.
 
-CPU: TVM's CPU pipeline (legalize, fuse) wrapped with edgeq's NHWC layout choice and default multi-core,
-vectorized schedule, because untuned TVM CPU code is a single-threaded loop nest. GPU: TVM's own default pipeline, which schedules with dlight.
+CPU: TVM's CPU pipeline (legalize, fuse) wrapped with edgeq's NHWC layout choice, tuned schedules where a
+tuning database has a better one, and otherwise edgeq's default multi-core, vectorized schedule, because untuned TVM CPU code is a single-threaded loop nest. GPU: TVM's own default pipeline, which schedules with dlight.
 """
 
 from __future__ import annotations
@@ -11,15 +11,28 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from .default_cpu import default_cpu_layout_passes, default_cpu_schedule
+from .tune import tuned_schedules
 
 
-def lowering_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The relax_pipeline to hand to tvm.compile for this target."""
+def pre_schedule_passes(target: tvm.target.Target) -> list:
+    """Layout, legalization and fusion: the fused PrimFuncs they leave are what gets scheduled or tuned."""
+    return (default_cpu_layout_passes(target)
+            + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+            + [relax.transform.AttachAttrLayoutFreeBuffers()])  # marks weight params for compile-time repacking
+
+
+def pre_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    with target:
+        return tvm.transform.Sequential(pre_schedule_passes(target))(mod)
+
+
+def lowering_pipeline(target: tvm.target.Target, tuning_databases=()) -> tvm.transform.Pass:
+    """The relax_pipeline to hand to tvm.compile for this target; CPU kernels with a tuned schedule in one of
+    `tuning_databases` (directories) that beats the default get it."""
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
-    passes = (default_cpu_layout_passes(target)
-              + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
-              + [default_cpu_schedule(target)]
+    tuned = [tuned_schedules(list(tuning_databases), target)] if tuning_databases else []
+    passes = (pre_schedule_passes(target) + tuned + [default_cpu_schedule(target)]
               + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq_cpu_lowering")

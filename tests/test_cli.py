@@ -178,3 +178,40 @@ def test_ctrl_c_inside_a_tvm_pass_stays_an_interrupt():
     with pytest.raises(KeyboardInterrupt):
         with interruptible():
             tvm.transform.Sequential([checking_pass])(tvm.IRModule())
+
+
+def test_substitute_reports_and_compile_substitute_keeps_outputs(cli, tmp_path):
+    import json
+
+    from edgeq.demo import DIGITS_MODEL
+
+    code, out, err = cli("substitute", DIGITS_MODEL, "--input-shape", "image=1x1x8x8", "--cost", "analytic",
+                         "--report")
+    assert code == 0, err
+    assert "graph substitution: cost" in out and "conv_act" in out and "verified on random inputs: yes" in out
+    code, _, err = cli("compile", DIGITS_MODEL, "--input-shape", "image=4x1x8x8", "--substitute", "--cost",
+                       "analytic", "-o", tmp_path / "art")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["substitution"]["applied"] and manifest["substitution"]["verified"]
+    with np.load(Path(DIGITS_MODEL).parent / "digits_test.npz") as data:
+        images = data["image"][:4]
+    np.savez(tmp_path / "x.npz", image=images)
+    code, _, err = cli("run", tmp_path / "art", "--input", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert code == 0, err
+    (expected,) = ort_outputs(onnx.load(DIGITS_MODEL), {"image": images})
+    with np.load(tmp_path / "y.npz") as got:
+        np.testing.assert_allclose(next(iter(got.values())), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_w2a2_compile_and_eval_report_bits_per_layer(cli, tmp_path):
+    from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
+
+    code, out, err = cli("compile", DIGITS_MODEL, "--input-shape", "image=1x1x8x8", "--quantize", "w2a2",
+                         "--calib", DIGITS_CALIB, "-o", tmp_path / "w2a2")
+    assert code == 0 and "w2a2" in out, err
+    code, out, err = cli("eval", tmp_path / "w2a2", "--data", DIGITS_TEST, "--labels", "label")
+    assert code == 0, err
+    assert "accuracy      fp32 99.17%, w2a2 9" in out  # 96.1 % here: within a few points of fp32
+    assert "w2 a2" in out and "w8 a8" in out  # the middle conv is 2-bit, the first and last layers 8-bit

@@ -111,3 +111,23 @@ def test_port_held_by_another_process(device):
         s.listen()
         with pytest.raises(EdgeqError, match="already used by another process"):
             emulate("rpi4", s.getsockname()[1])
+
+
+def test_tune_on_the_emulated_pi(cli, device, tmp_path):
+    """Candidates are cross-linked here and measured on the board; the database then builds an rpi4 artifact."""
+    import json
+
+    import onnx
+    from test_tune import conv_model
+
+    onnx.save(conv_model(), tmp_path / "conv.onnx")
+    code, out, err = cli("tune", tmp_path / "conv.onnx", "--target", "rpi4", "--rpc", f"127.0.0.1:{device.port}",
+                         "--trials", 4, "--per-iteration", 4, "--work-dir", tmp_path / "work")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "work" / "rpi4" / "database_tuning_record.json").open()]
+    assert len(records) == 4 and any(r[1][1][0] < 1e9 for r in records), "no candidate ran on the device"
+    ledger = json.loads((tmp_path / "work" / "rpi4" / "tasks.json").read_text())
+    assert all(entry["default_ms"] > 0 for entry in ledger.values())  # the default schedule, timed on the board
+    code, _, err = cli("compile", tmp_path / "conv.onnx", "--target", "rpi4", "--tuning-db", tmp_path / "work",
+                       "-o", tmp_path / "art")
+    assert code == 0, err

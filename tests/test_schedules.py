@@ -22,7 +22,7 @@ def test_conv_kernels_are_parallel_and_vectorized():
     convs = {name: f for name, f in prim_funcs.items() if "conv2d" in name}
     assert convs, sorted(prim_funcs)
     for name, func in convs.items():
-        assert func.attrs["tir.is_scheduled"], name
+        assert func.attrs["tirx.is_scheduled"], name
         script = func.script()
         assert "T.parallel(" in script and "T.vectorized(" in script, name
 

@@ -36,8 +36,11 @@ def quantize_onnx(model: onnx.ModelProto, calibration, method: str = "minmax", p
     policy = policy or Policy()
     model = annotate.name_nodes(annotate.upgrade_opset(prepare.fold_batch_norm(model)))
     plan = annotate.plan(model, policy)
+    pact_tensors = {name: bits for name, (bits, source) in plan.low_bit.items() if source == name}
     ranges = calibrate.calibrate(model, plan.tensors, calibration, method, policy.activation_dtype,
-                                 progress=progress, **options) if plan.tensors else {}
+                                 progress=progress, low_bit=pact_tensors, **options) if plan.tensors else {}
+    for name, (_, source) in plan.low_bit.items():
+        ranges[name] = ranges[source]  # a max pool keeps the codes and alpha of its input
     return QDQResult(annotate.insert_qdq(model, plan, ranges, policy), plan, ranges, method, policy)
 
 
@@ -50,8 +53,11 @@ QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool")
 
 
-def realize_onnx(model: onnx.ModelProto, dtype: str):
-    """A Relax module computing a QDQ (or QLinear*) ONNX model with integer kernels, `dtype` activations."""
+def realize_onnx(model: onnx.ModelProto, dtype: str, target=None):
+    """A Relax module computing a QDQ (or QLinear*) ONNX model with integer kernels, `dtype` activations.
+
+    ``target`` (a tvm Target) picks the low-bit kernels: bit-serial where it has popcount, int8 otherwise;
+    None assumes popcount."""
     from tvm import relax
 
     from edgeq.frontend import load_onnx
@@ -60,4 +66,4 @@ def realize_onnx(model: onnx.ModelProto, dtype: str):
 
     float_weights, weights = realize.extract_weights(qlinear.to_qdq(model))
     mod = relax.transform.FoldConstant()(load_onnx(float_weights).mod)
-    return realize.realize(mod, weights, dtype)
+    return realize.realize(mod, weights, dtype, target)

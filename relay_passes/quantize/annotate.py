@@ -49,11 +49,20 @@ FOLLOWERS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Con
 
 @dataclass
 class Policy:
-    """What to quantize: `exclude` holds node names, op types, or "first"/"last" (the first/last weighted op)."""
+    """What to quantize: `exclude` holds node names, op types, or "first"/"last" (the first/last weighted op).
+
+    Low-bit modes (Choi et al.): ``weight_bits`` < 8 quantizes the weights of conv (groups 1) / matmul / gemm
+    with SAWB (odd integers 2c - (2^b - 1) times alpha / (2^b - 1), per channel), ``activation_bits`` < 8 the
+    non-negative (ReLU/Clip) inputs of those layers with PACT (codes 0..2^k-1, scale alpha / (2^k - 1)).
+    ``keep_8bit`` (node names, op types, "first", "last") stay 8-bit.
+    """
 
     activation_dtype: str = "uint8"
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
+    weight_bits: int = 8
+    activation_bits: int = 8
+    keep_8bit: tuple[str, ...] = ("first", "last")
 
 
 @dataclass
@@ -67,12 +76,15 @@ class Group:
     activation: str | None = None  # name of the fused Relu/Clip node
     weight: str | None = None
     weight_axis: int | None = None
+    weight_bits: int = 8  # < 8: SAWB low-bit weights
 
 
 @dataclass
 class Plan:
     groups: list[Group] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
+    # PACT tensors: name -> (bits, tensor whose calibrated alpha it uses: itself, or a max pool's input)
+    low_bit: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def tensors(self) -> list[str]:
@@ -190,7 +202,43 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
             fused.add(users[0].name)
         result.groups.append(group)
         quantized.add(group.output)
+    if policy.weight_bits < 8 or policy.activation_bits < 8:
+        _assign_low_bits(result, policy, nodes={n.name: n for n in graph.node})
     return result
+
+
+def _assign_low_bits(plan_: Plan, policy: Policy, nodes: dict) -> None:
+    """Mark the low-bit weighted groups and the PACT activation tensors they read."""
+    weighted = [g for g in plan_.groups if g.weight is not None]
+    keep = set(policy.keep_8bit)
+    if "first" in keep and weighted:
+        keep.add(weighted[0].node)
+    if "last" in keep and weighted:
+        keep.add(weighted[-1].node)
+    producers = {g.output: g for g in plan_.groups}
+    for group in weighted:
+        if group.node in keep or group.op_type in keep:
+            continue
+        if group.op_type == "Conv" and _attr(nodes[group.node], "group", 1) != 1:
+            continue  # grouped / depthwise convolutions stay 8-bit
+        group.weight_bits = min(policy.weight_bits, 8)
+        if policy.activation_bits < 8:
+            _mark_pact_input(plan_, producers, group.inputs[0], policy.activation_bits)
+
+
+def _mark_pact_input(plan_: Plan, producers: dict, tensor: str, bits: int) -> None:
+    """A low-bit layer's input is a PACT tensor when it is a fused ReLU/Clip output, possibly behind max pools
+    (which keep its codes and its alpha); otherwise it stays 8-bit."""
+    chain = []
+    producer = producers.get(tensor)
+    while producer is not None and producer.op_type == "MaxPool":
+        chain.append(producer.output)
+        producer = producers.get(producer.inputs[0])
+    if producer is None or producer.activation is None:
+        return
+    for name in (producer.output, *chain):
+        old = plan_.low_bit.get(name)
+        plan_.low_bit[name] = (max(bits, old[0]) if old else bits, producer.output)
 
 
 def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[float, float]],
@@ -204,7 +252,11 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
     rename: dict[str, str] = {}
     graph_outputs = {o.name for o in graph.output}
     for tensor in plan_.tensors:
-        qp = scheme.activation_qparams(*ranges[tensor], policy.activation_dtype)
+        if tensor in plan_.low_bit:
+            bits, source = plan_.low_bit[tensor]
+            qp = _pact_qparams(ranges[source][1], bits, policy.activation_dtype)
+        else:
+            qp = scheme.activation_qparams(*ranges[tensor], policy.activation_dtype)
         scale, zero = f"{tensor}.scale", f"{tensor}.zero_point"
         new_inits += [numpy_helper.from_array(np.asarray(qp.scale, np.float32), scale),
                       numpy_helper.from_array(np.asarray(qp.zero_point, policy.activation_dtype), zero)]
@@ -220,16 +272,22 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
             continue
         node = nodes[group.node]
         weight = numpy_helper.to_array(consts[group.weight]).astype(np.float32)
-        qp = scheme.weight_qparams(weight, group.weight_axis if policy.per_channel else None)
+        axis = group.weight_axis if policy.per_channel else None
+        if group.weight_bits < 8:
+            values, scale = _sawb_weight(weight, group.weight_bits, axis)
+        else:
+            qp = scheme.weight_qparams(weight, axis)
+            values, scale = scheme.quantize_weight(weight, qp), qp.scale
         base = f"{group.node}.weight"
-        new_inits += [numpy_helper.from_array(scheme.quantize_weight(weight, qp), f"{base}.q"),
-                      numpy_helper.from_array(qp.scale, f"{base}.scale"),
-                      numpy_helper.from_array(qp.zero_point.astype(np.int8), f"{base}.zero_point")]
+        new_inits += [numpy_helper.from_array(values, f"{base}.q"),
+                      numpy_helper.from_array(scale, f"{base}.scale"),
+                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}.zero_point")]
         axis = {"axis": group.weight_axis} if policy.per_channel else {}
         dq = helper.make_node("DequantizeLinear", [f"{base}.q", f"{base}.scale", f"{base}.zero_point"],
                               [f"{base}.dq"], name=f"{base}.dequantize", **axis)
         new_nodes.setdefault("", []).append(dq)
         node.input[OP_RULES[node.op_type].weight] = f"{base}.dq"
+    _pact_clips(graph, nodes, plan_, ranges, new_inits)
     # Rewire: graph outputs are produced under a new name and dequantized back to theirs; every other consumer
     # of a quantized tensor reads its dequantized copy.
     quantized = set(plan_.tensors)
@@ -256,6 +314,41 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return model
+
+
+def _pact_qparams(alpha: float, bits: int, dtype: str) -> scheme.QParams:
+    """PACT activation: codes 0..2^k-1 (zero point 0), scale alpha / (2^k - 1)."""
+    scale = np.float32(max(float(alpha), 0.0) / (2**bits - 1))
+    if not np.isfinite(scale) or scale <= 0.0:
+        scale = np.float32(1.0)
+    return scheme.QParams(np.asarray(scale, np.float32), np.asarray(0, np.int32), dtype)
+
+
+def _sawb_weight(weight: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """SAWB int8 integers 2c - (2^b - 1) and their per-channel scale alpha / (2^b - 1) (float32)."""
+    from . import sawb
+
+    quantized = sawb.quantize_weights(weight, bits, axis)
+    return quantized.integers().astype(np.int8), np.asarray(quantized.scale, np.float32)
+
+
+def _pact_clips(graph, nodes: dict, plan_: Plan, ranges, new_inits: list) -> None:
+    """PACT replaces the fused ReLU/Clip of a group writing a PACT tensor by Clip(0, alpha)."""
+    for group in plan_.groups:
+        if group.activation is None or group.output not in plan_.low_bit or plan_.low_bit[group.output][1] != group.output:
+            continue
+        bits, _ = plan_.low_bit[group.output]
+        qp = _pact_qparams(ranges[group.output][1], bits, "uint8")
+        alpha = float(qp.scale) * (2**bits - 1)
+        node = nodes[group.activation]
+        lo, hi = f"{group.output}.pact_lo", f"{group.output}.pact_alpha"
+        new_inits += [numpy_helper.from_array(np.asarray(0.0, np.float32), lo),
+                      numpy_helper.from_array(np.asarray(alpha, np.float32), hi)]
+        source = node.input[0]
+        del node.input[:]
+        node.input.extend([source, lo, hi])
+        del node.attribute[:]
+        node.op_type = "Clip"
 
 
 def upgrade_opset(model: onnx.ModelProto, version: int = 13) -> onnx.ModelProto:

@@ -117,8 +117,13 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 def calibrate(model: onnx.ModelProto, tensors: list[str], data, method: str = "minmax",
-              activation_dtype: str = "uint8", progress: bool = False, **options) -> dict[str, tuple[float, float]]:
-    """{tensor: (lo, hi)}: the real range each tensor is quantized to, by the named calibration method."""
+              activation_dtype: str = "uint8", progress: bool = False, low_bit: dict[str, int] | None = None,
+              **options) -> dict[str, tuple[float, float]]:
+    """{tensor: (lo, hi)}: the real range each tensor is quantized to, by the named calibration method.
+
+    Tensors in ``low_bit`` (name -> bits) are PACT activations: their range is (0, alpha) with the alpha that
+    minimizes clipping + quantization error at that bit width (observer "pact"), whatever the method.
+    """
     import targets
     import tvm
     from tvm import relax
@@ -130,7 +135,10 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, method: str = "m
 
     imported = load_onnx(with_outputs(model, tensors))
     batches = list(calibration_batches(data, imported.inputs))
-    observers = {name: make_observer(method, **options) for name in tensors}
+    low_bit = low_bit or {}
+    bins = {"bins": options["bins"]} if "bins" in options else {}
+    observers = {name: make_observer("pact", bits=low_bit[name], **bins) if name in low_bit
+                 else make_observer(method, **options) for name in tensors}
     position = {spec.name: i for i, spec in enumerate(imported.outputs)}
     vm = relax.VirtualMachine(compile_module(imported, targets.resolve("host")), tvm.cpu())
     for batch in tqdm(batches, desc=f"calibrate ({method})", unit="batch", disable=None if progress else True,

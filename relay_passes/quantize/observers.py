@@ -315,7 +315,14 @@ METHODS = tuple(OBSERVERS)
 
 
 def make_observer(method: str, **options) -> Observer:
-    """A fresh observer of the named calibration method; options go to its constructor (e.g. bins=2048)."""
+    """A fresh observer of the named calibration method; options go to its constructor (e.g. bins=2048).
+
+    "pact" (``pact.PACTObserver``, options bits=k, bins) is the PACT clip of non-negative low-bit activations;
+    it is not in METHODS because it clips every negative value to 0 (the low-bit modes pick it per tensor)."""
+    if method == "pact":
+        from .pact import PACTObserver
+
+        return PACTObserver(**options)
     if method not in OBSERVERS:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
     return OBSERVERS[method](**options)

@@ -12,12 +12,16 @@ layout changes are emitted only where a float op needs the model's NCHW.
 
 Activations are uint8 on x86 (VNNI multiplies u8 x s8) and int8 on ARM (sdot is s8 x s8): the pass converts a
 model's zero points (q - 128 is exact), so either kind of QDQ model runs on either target.
+
+Low-bit layers (SAWB weights, stored as odd int8 integers 2c - (2^b - 1); PACT activations, a quantize clamped
+to codes 0..2^k-1 with zero point 0, e.g. after Clip(0, alpha)) become `schedules.bitserial` popcount kernels
+with the weights as bit planes; their epilogue clamps straight to the next layer's k-bit codes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -98,6 +102,7 @@ class QTensor:
     zero_point: int
     dtype: str
     layout: str  # "NHWC": a 4-D tensor of the model (NCHW) kept channels-last; "native": the model's layout
+    bits: int = 8  # < 8: q - zero_point in 0..2^bits-1 (PACT codes), what the bit-serial kernels read
 
 
 def activation_dtype(target) -> str:
@@ -106,8 +111,12 @@ def activation_dtype(target) -> str:
     return "int8" if arch.startswith(("aarch64", "arm")) else "uint8"
 
 
-def realize(mod, weights: dict[str, Weight], dtype: str = "uint8"):
-    """The module with integer kernels in place of its realizable QDQ patterns (and dead float code removed)."""
+def realize(mod, weights: dict[str, Weight], dtype: str = "uint8", target=None):
+    """The module with integer kernels in place of its realizable QDQ patterns (and dead float code removed).
+
+    Low-bit layers (SAWB weights: all integers odd, |w| < 2^b with b <= 4) become bit-serial popcount kernels
+    where ``target`` has popcount (None: assume it does); int8 kernels otherwise.
+    """
     import tvm
     from tvm import relax
 
@@ -115,7 +124,7 @@ def realize(mod, weights: dict[str, Weight], dtype: str = "uint8"):
     blocks = func.body.blocks
     if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
         return mod  # control flow: left float
-    realizer = _Realizer(mod, weights, dtype)
+    realizer = _Realizer(mod, weights, dtype, target)
     new_func = realizer.rewrite(func)
     built = realizer.bb.get()
     out = tvm.IRModule({gv: f for gv, f in built.functions.items() if gv.name_hint != _SCRATCH}, attrs=mod.attrs)
@@ -124,9 +133,10 @@ def realize(mod, weights: dict[str, Weight], dtype: str = "uint8"):
 
 
 class _Realizer:
-    def __init__(self, mod, weights, dtype):
+    def __init__(self, mod, weights, dtype, target=None):
         from tvm import relax
 
+        self.target = target
         self.bb = relax.BlockBuilder(mod)
         self.weights = weights
         self.dtype = dtype
@@ -214,7 +224,7 @@ class _Realizer:
         if key not in self.layouts:
             axes = [0, 2, 3, 1] if layout == "NHWC" else [0, 3, 1, 2]
             self.layouts[key] = self.bb.emit(relax.op.permute_dims(qt.var, axes))
-        return QTensor(self.layouts[key], qt.scale, qt.zero_point, qt.dtype, layout)
+        return QTensor(self.layouts[key], qt.scale, qt.zero_point, qt.dtype, layout, qt.bits)
 
     def _native(self, qt: QTensor) -> QTensor:
         return self._layout(qt, "native")
@@ -230,8 +240,9 @@ class _Realizer:
         from schedules import qkernels
 
         qmin, qmax = scheme.DTYPE_RANGES[self.dtype]
-        if np.float32(qt.scale) == np.float32(scale) and qt.zero_point == zero and (lo, hi) == (qmin, qmax):
-            return QTensor(qt.var, scale, zero, self.dtype, qt.layout)
+        same = np.float32(qt.scale) == np.float32(scale) and qt.zero_point == zero
+        if same and ((lo, hi) == (qmin, qmax) or (qt.bits < 8 and lo <= zero and hi >= zero + 2**qt.bits - 1)):
+            return QTensor(qt.var, scale, zero, self.dtype, qt.layout, qt.bits)
         multiplier, shift = scheme.fixed_point_multiplier(qt.scale / (scale * 2**_ADD_SHIFT))
         var = self._emit(qkernels.qrequantize, qt.var, multiplier=int(multiplier), shift=int(shift),
                          input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
@@ -263,8 +274,13 @@ class _Realizer:
         if handler is None:
             return None
         if op == "relax.dequantize":
-            return handler(core, scale, zero, qlo, qhi)
-        return handler(value, bias, scale, zero, qlo, qhi)
+            result = handler(core, scale, zero, qlo, qhi)
+        else:
+            result = handler(value, bias, scale, zero, qlo, qhi)
+        top = qhi - zero  # codes q - zero in [0, 2^k - 1]: a PACT tensor (a clamp at alpha), read as k-bit planes
+        if result is not None and qlo == zero and 0 < top < 255 and not top & (top + 1):
+            result = replace(result, bits=int(top).bit_length())
+        return result
 
     def _activation(self, expr):
         """(producer under a fused ReLU/Clip, (lo, hi)); (expr, (None, None)) when there is none."""
@@ -296,6 +312,9 @@ class _Realizer:
         qt = self._nhwc(qt)
         w = weight.values.astype(np.int32)  # OIHW
         channels = w.shape[0]
+        weight_bits = _low_bit_weight(w)
+        if weight_bits and int(attrs.groups) == 1:
+            return self._bitserial_conv2d(conv, qt, w, weight, weight_bits, bias, scale, zero, lo, hi)
         if int(attrs.groups) == 1 and w.shape[1] % _DOT_DEPTH:
             qt, w = self._pad_channels(qt, w)
         w_scale = np.broadcast_to(weight.scale, (channels,)).astype(np.float64)
@@ -310,6 +329,57 @@ class _Realizer:
             groups=int(attrs.groups), input_zero_point=qt.zero_point, output_zero_point=zero,
             out_min=lo, out_max=hi, out_dtype=self.dtype, name="qconv2d")
         return QTensor(var, scale, zero, self.dtype, "NHWC")
+
+    def _bitserial_conv2d(self, conv, qt, w, weight, weight_bits, bias, scale, zero, lo, hi):
+        """A SAWB-weight conv: bit-serial kernel (weights as bit planes) or, without popcount, the int8 kernel."""
+        from schedules import bitserial
+
+        attrs = conv.attrs
+        channels = w.shape[0]
+        codes_hwio = ((w + (2**weight_bits - 1)) // 2).astype(np.uint8).transpose(2, 3, 1, 0)
+        kernel, weights, extra = bitserial.conv2d_for_target(self.target, codes_hwio, weight_bits,
+                                                             word=bitserial.choose_word(w.shape[1]))
+        code_zero = qt.zero_point  # the zero point of what the kernel multiplies
+        if kernel is bitserial.bitserial_qconv2d:  # int8 q is read as the code q + 128
+            extra = {**extra, "activation_bits": qt.bits}
+            code_zero += bitserial.CODE_OFFSET[qt.dtype]
+        bias_i32, multiplier, shift = self._requant_params(code_zero, qt.scale, w.reshape(channels, -1).sum(axis=1),
+                                                           weight, bias, channels, scale)
+        var = self._emit(kernel, qt.var, _rconst(weights), _rconst(_int32(bias_i32)), _rconst(multiplier),
+                         _rconst(shift), strides=tuple(int(s) for s in attrs.strides),
+                         padding=tuple(int(p) for p in attrs.padding), dilation=tuple(int(d) for d in attrs.dilation),
+                         input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
+                         out_dtype=self.dtype, name=kernel.__name__, **extra)
+        return QTensor(var, scale, zero, self.dtype, "NHWC")
+
+    @staticmethod
+    def _requant_params(zero_point, in_scale, weight_sums, weight, bias, channels, scale):
+        """Integer bias (with the zero-point term -zp * sum(w)), multiplier and shift of a conv / dense."""
+        w_scale = np.broadcast_to(weight.scale, (channels,)).astype(np.float64)
+        b = np.zeros(channels) if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1),
+                                                                    (channels,))
+        acc_scale = in_scale * w_scale
+        bias_i32 = np.round(b / acc_scale) - zero_point * weight_sums
+        multiplier, shift = scheme.fixed_point_multiplier(acc_scale / scale)
+        return bias_i32, multiplier, shift
+
+    def _bitserial_dense(self, data, qt, weight, weight_bits, bias, scale, zero, lo, hi):
+        from schedules import bitserial
+
+        w = weight.values.astype(np.int32)  # [K, N]
+        channels = w.shape[1]
+        codes = ((w + (2**weight_bits - 1)) // 2).astype(np.uint8)
+        kernel, weights, extra = bitserial.dense_for_target(self.target, codes, weight_bits,
+                                                            word=bitserial.choose_word(w.shape[0]))
+        code_zero = qt.zero_point
+        if kernel is bitserial.bitserial_qdense:
+            extra = {**extra, "activation_bits": qt.bits}
+            code_zero += bitserial.CODE_OFFSET[qt.dtype]
+        bias_i32, multiplier, shift = self._requant_params(code_zero, qt.scale, w.sum(axis=0), weight, bias, channels,
+                                                           scale)
+        return self._emit(kernel, data, _rconst(weights), _rconst(_int32(bias_i32)), _rconst(multiplier),
+                          _rconst(shift), input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo,
+                          out_max=hi, out_dtype=self.dtype, name=kernel.__name__, **extra)
 
     def _pad_channels(self, qt: QTensor, w: np.ndarray) -> tuple[QTensor, np.ndarray]:
         """Pad input channels to a multiple of the dot product's depth (the first conv: 1 or 3 channels).
@@ -345,9 +415,14 @@ class _Realizer:
         bias_i32 = np.round(b / acc_scale) - qt.zero_point * w.sum(axis=0)
         multiplier, shift = scheme.fixed_point_multiplier(acc_scale / scale)
         data = qt.var if len(shape) == 2 else self.bb.emit(relax.op.reshape(qt.var, (-1, shape[-1])))
-        var = self._emit(qkernels.qdense, data, _rconst(weight.values), _rconst(_int32(bias_i32)),
-                         _rconst(multiplier), _rconst(shift), input_zero_point=qt.zero_point,
-                         output_zero_point=zero, out_min=lo, out_max=hi, out_dtype=self.dtype, name="qdense")
+        weight_bits = _low_bit_weight(w)
+        var = None
+        if weight_bits:
+            var = self._bitserial_dense(data, qt, weight, weight_bits, bias, scale, zero, lo, hi)
+        if var is None:
+            var = self._emit(qkernels.qdense, data, _rconst(weight.values), _rconst(_int32(bias_i32)),
+                             _rconst(multiplier), _rconst(shift), input_zero_point=qt.zero_point,
+                             output_zero_point=zero, out_min=lo, out_max=hi, out_dtype=self.dtype, name="qdense")
         if len(shape) != 2:
             var = self.bb.emit(relax.op.reshape(var, (*shape[:-1], channels)))
         return QTensor(var, scale, zero, self.dtype, "native")
@@ -377,7 +452,7 @@ class _Realizer:
         qt = self._nhwc(qt)
         var = self._emit(qkernels.qmax_pool2d, qt.var, pool_size=_ints(attrs.pool_size), strides=_ints(attrs.strides),
                          padding=_ints(attrs.padding), dilation=_ints(attrs.dilation), name="qmax_pool2d")
-        return self._requantize(QTensor(var, qt.scale, qt.zero_point, qt.dtype, "NHWC"), scale, zero, lo, hi)
+        return self._requantize(QTensor(var, qt.scale, qt.zero_point, qt.dtype, "NHWC", qt.bits), scale, zero, lo, hi)
 
     def _avg_pool(self, pool, bias, scale, zero, lo, hi):
         attrs = pool.attrs
@@ -442,6 +517,18 @@ class _Realizer:
 
     def _weight(self, expr) -> Weight | None:
         return self.weights.get(_key(_const(expr))) if _is_const(expr) else None
+
+
+# --- low-bit weights -------------------------------------------------------------------------------------
+_MAX_BITSERIAL_WEIGHT_BITS = 4
+
+
+def _low_bit_weight(w: np.ndarray) -> int:
+    """b when every integer of a weight is odd with |w| <= 2^b - 1, b <= 4 (SAWB levels 2c - (2^b - 1)); else 0."""
+    if w.size == 0 or np.any(w % 2 == 0):
+        return 0
+    bits = int(np.abs(w).max()).bit_length()  # the smallest b with max|w| <= 2^b - 1
+    return bits if bits <= _MAX_BITSERIAL_WEIGHT_BITS else 0
 
 
 # --- expression helpers ---------------------------------------------------------------------------------

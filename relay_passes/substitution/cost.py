@@ -1,0 +1,279 @@
+"""Graph cost = sum of kernel costs (MetaFlow): measured on this machine, or estimated analytically.
+
+Measured: the graph is first cut into the kernels TVM's FuseOps will make of it (`fusion_groups`: an op
+followed by the elementwise ops that only it feeds, e.g. conv2d -> multiply -> add -> relu); each distinct
+group (its signature: ops, attrs, wiring, input shapes/dtypes, which inputs are constants, target) is
+compiled alone by TVM with the lowering pipeline the build uses, timed, and kept in a JSON cache so it is
+measured once ever. Pricing ops one by one instead would charge an unfused conv -> scale -> shift -> relu
+chain four kernels and four memory passes that the compiled model never runs, and the search would "win"
+by folding them. Analytic: per op, FLOPs / peak + bytes moved / bandwidth + a per-kernel launch cost, for
+targets this machine cannot run, and as the tie-breaker between equal measured costs. Both in ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import raise_if_interrupted
+
+from . import ops
+from .graph import STRUCTURAL, Graph, Node
+
+# target kind -> (GFLOP/s, GB/s, launch µs): rough untuned-code figures; only ratios matter to the search
+MACHINES = {"llvm": (8.0, 8.0, 3.0), "cuda": (2000.0, 200.0, 8.0)}
+VIEWS = ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")  # no data movement
+TIE_BREAK = 1e-3  # weight of the analytic cost added to a measured one
+# ops FuseOps puts into the kernel of the op producing their input (elementwise / broadcast)
+ELEMENTWISE = ops.ELEMENTWISE_BINARY + tuple(ops.ACTIVATIONS) + ("relax.clip", "relax.nn.gelu", "relax.nn.silu",
+                                                                 "relax.exp", "relax.sqrt", "relax.negative")
+
+
+def _elems(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def _types(ty):
+    """(shape, dtype) of every tensor in a (possibly tuple) type."""
+    if hasattr(ty, "fields"):
+        return [t for f in ty.fields for t in _types(f)]
+    if getattr(ty, "shape", None) is None or not hasattr(ty.shape, "values"):
+        return []
+    try:
+        return [(tuple(int(d) for d in ty.shape.values), str(ty.dtype))]
+    except TypeError:  # symbolic dims
+        return []
+
+
+def _bytes(ty) -> int:
+    return sum(_elems(s) * np.dtype(d).itemsize for s, d in _types(ty) if d not in ("", "void"))
+
+
+def flops(g: Graph, node: Node) -> float:
+    out = sum(_elems(s) for s, _ in _types(node.ty))
+    if node.op in ("edgeq.conv2d", "relax.nn.conv2d"):
+        w = g.nodes[node.inputs[1]].shape
+        return 2.0 * out * _elems(w[1:]) + out * (len(node.inputs) - 2 + (node.attrs.get("act") is not None))
+    if node.op in ("edgeq.matmul", "relax.matmul"):
+        k = g.nodes[node.inputs[0]].shape[-1]
+        return 2.0 * out * k + out * (len(node.inputs) - 2 + (node.attrs.get("act") is not None))
+    if node.op == "relax.nn.batch_norm":
+        return 2.0 * out
+    return float(out)
+
+
+def analytic(g: Graph, node: Node, kind: str = "llvm") -> float:
+    """Estimated ms of one op: compute time + memory time + launch overhead."""
+    gflops, gbps, launch_us = MACHINES.get(kind, MACHINES["llvm"])
+    if node.op in STRUCTURAL:
+        return 0.0
+    if node.op in VIEWS:
+        return launch_us * 1e-3 * 0.1
+    moved = _bytes(node.ty) + sum(_bytes(g.nodes[i].ty) for i in node.inputs if g.nodes[i].op != "literal")
+    return flops(g, node) / (gflops * 1e6) + moved / (gbps * 1e6) + launch_us * 1e-3
+
+
+def signature(g: Graph, node: Node, target: str) -> str:
+    """The cache key of an op: everything its run time depends on, none of its values."""
+    ins = []
+    for i in node.inputs:
+        src = g.nodes[i]
+        kind = "literal:" + str(src.value) if src.op == "literal" else ("const" if src.op == "const" else "var")
+        ins.append([kind, [list(s) for s, _ in _types(src.ty)], [d for _, d in _types(src.ty)]])
+    op = node.op if node.op != "relax.call_tir" else f"call_tir:{node.value.args[0]}"
+    return json.dumps([op, sorted((k, repr(v)) for k, v in node.attrs.items()), ins, target])
+
+
+def fusion_groups(g: Graph) -> list[list[int]]:
+    """The graph's ops as the kernels FuseOps makes (an approximation), each group in topological order.
+
+    An elementwise op joins the group of an op input whose only consumer it is and whose value is a tensor;
+    the group's last op is then the only one read outside it. Everything else starts its own group.
+    """
+    users = g.users()
+    group_of: dict[int, list[int]] = {}
+    groups: list[list[int]] = []
+    for nid in g.op_ids():
+        node = g.nodes[nid]
+        home = None
+        if node.op in ELEMENTWISE and hasattr(node.ty, "shape"):
+            for i in node.inputs:
+                grp = group_of.get(i)
+                if (grp is not None and grp[-1] == i and users[i] == [nid] and i != g.output
+                        and not hasattr(g.nodes[i].ty, "fields")):
+                    home = grp
+                    break
+        if home is None:
+            home = []
+            groups.append(home)
+        home.append(nid)
+        group_of[nid] = home
+    return groups
+
+
+def group_signature(g: Graph, group: list[int], target: str) -> str:
+    """The cache key of a fused group: its ops' signatures, inputs from inside the group by position."""
+    if len(group) == 1:
+        return signature(g, g.nodes[group[0]], target)
+    pos = {nid: k for k, nid in enumerate(group)}
+    rows = []
+    for nid in group:
+        node = g.nodes[nid]
+        one = json.loads(signature(g, node, target))
+        one[2] = [["group", pos[i]] if i in pos else spec for i, spec in zip(node.inputs, one[2])]
+        rows.append(one[:3])
+    return json.dumps(["fused", rows, target])
+
+
+def default_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeq" / "op_costs.json"
+
+
+class CostModel:
+    """cost(graph) in ms with a per-op memo; `measured` needs a target this machine can run."""
+
+    def __init__(self, target, measured: bool, cache: str | os.PathLike | None = None):
+        self.target = target
+        self.kind = target.kind.name
+        self.measured = measured
+        self.path = Path(cache) if cache is not None else default_cache_path()
+        self.key = str(target)
+        self.table: dict[str, float] = self._load() if measured else {}
+        self.measurements = 0  # ops timed by this instance (the rest came from the cache)
+        self._dirty = False
+        self._memo: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return (f"measured (TVM-compiled ops timed on this machine, cache {self.path})" if self.measured
+                else f"analytic (FLOPs + bytes + launch overhead, {self.kind} figures)")
+
+    def _load(self) -> dict:
+        try:
+            table = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return table if isinstance(table, dict) else {}
+
+    def _save(self) -> None:
+        """Atomic: merge with what other processes wrote, write a temp file, rename it over the cache.
+
+        A cache that cannot be written (read-only home) only costs re-measuring next time.
+        """
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            table = {**self._load(), **self.table}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".op_costs.", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(table, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def op_cost(self, g: Graph, nid: int) -> float:
+        return self.group_cost(g, [nid])
+
+    def group_cost(self, g: Graph, group: list[int]) -> float:
+        """Measured ms of the kernel `group` (fusion_groups) compiles to, plus the tie-breaker; analytic sum
+        of its ops when it cannot be measured."""
+        group = [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]
+        if not group:
+            return 0.0
+        estimate = sum(analytic(g, g.nodes[nid], self.kind) for nid in group)
+        if not self.measured or not all(_measurable(g.nodes[nid]) for nid in group):
+            return estimate
+        key = group_signature(g, group, self.key)
+        if key not in self.table:
+            try:
+                self.table[key] = measure(g, group, self.target)
+            except Exception:  # noqa: BLE001 - a kernel TVM cannot build alone is priced, not fatal
+                raise_if_interrupted()
+                return estimate
+            self.measurements += 1
+            self._dirty = True
+        return self.table[key] + TIE_BREAK * estimate
+
+    def groups(self, g: Graph) -> list[list[int]]:
+        """What is priced as one unit: fused kernels when measuring, single ops for the analytic model."""
+        return fusion_groups(g) if self.measured else [[nid] for nid in g.op_ids()]
+
+    def __call__(self, g: Graph) -> float:
+        self._dirty = False
+        total = 0.0
+        for group in self.groups(g):
+            pos = {nid: k for k, nid in enumerate(group)}
+            key = repr([(g.nodes[n].digest(), [("group", pos[i]) if i in pos else self._shape_key(g, i)
+                                               for i in g.nodes[n].inputs]) for n in group])
+            if key not in self._memo:
+                self._memo[key] = self.group_cost(g, group)
+            total += self._memo[key]
+        if self._dirty:
+            self._save()
+        return total
+
+    @staticmethod
+    def _shape_key(g, i):
+        src = g.nodes[i]
+        return (src.op == "const", src.digest() if src.op == "literal" else None, src.tkey)
+
+
+def _measurable(node: Node) -> bool:
+    """Ops a one-op module can reproduce: Relax ops and the fused ones (not call_tir / packed calls)."""
+    return node.op.startswith(("relax.", "edgeq.")) and node.op not in ("relax.call_tir", "relax.call_packed")
+
+
+def measure(g: Graph, nids, target, repeat: int = 8) -> float:
+    """Best-of-`repeat` ms of the op (or fused group of ops, the last one the output) compiled alone
+    (constants as they are, inputs from outside the group as random parameters).
+
+    The minimum, not the mean: on a shared machine interference only ever adds time.
+    """
+    import tvm
+    from tvm import relax
+
+    from schedules.lowering import lowering_pipeline
+
+    group = [nids] if isinstance(nids, int) else list(nids)
+    one = Graph(func_attrs=None)
+    rng = np.random.default_rng(0)
+    inside: dict[int, int] = {}
+
+    def operand(i):
+        src = g.nodes[i]
+        if i in inside:
+            return inside[i]
+        if src.op in ("const", "literal"):
+            return one.add(src)
+        if src.op == "tuple":  # concat's operand: a tuple of separate inputs
+            return one.add(src.with_inputs(operand(j) for j in src.inputs))
+        one.params.append(one.add(Node("input", ty=src.ty, value=relax.Var(f"in{len(one.params)}", src.ty))))
+        return one.params[-1]
+
+    for nid in group:
+        inside[nid] = one.add(g.nodes[nid].with_inputs([operand(i) for i in g.nodes[nid].inputs]))
+    one.output = inside[group[-1]]
+    mod = tvm.IRModule({"main": one.to_relax()})
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d), dev)
+            for p in one.params for s, d in _types(one.nodes[p].ty)]
+    timer = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=5)
+    return float(np.min(timer(*args).results)) * 1e3
+
+
+def can_measure(preset) -> bool:
+    """Only code for this machine's CPU can be timed here."""
+    from targets.detect import host_arch
+
+    return not preset.is_gpu and preset.arch == host_arch() and "android" not in str(preset.target.get("mtriple", ""))
+
+
+__all__ = ["CostModel", "analytic", "flops", "signature", "fusion_groups", "group_signature", "measure", "can_measure", "default_cache_path"]

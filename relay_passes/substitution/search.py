@@ -1,0 +1,53 @@
+"""MetaFlow's cost-based backtracking search (Algorithm 1).
+
+A priority queue of graphs ordered by cost; pop the cheapest; apply every rule at every match; a new graph
+(by canonical hash) whose cost is below alpha x the best cost so far is queued. alpha = 1 is greedy;
+alpha > 1 lets the search walk through slightly worse graphs (an enlarged kernel) to reach better ones
+(the merge it enables). Stops after `budget` expansions or when the queue is empty.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from edgeq.errors import raise_if_interrupted
+
+from .graph import Graph
+
+
+@dataclass
+class SearchResult:
+    graph: Graph
+    cost: float
+    applied: list[str] = field(default_factory=list)  # rule names, in the order they built the best graph
+    expansions: int = 0
+    seen: int = 0
+
+
+def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) -> SearchResult:
+    start = cost(graph)
+    best = SearchResult(graph, start)
+    tie = itertools.count()
+    queue = [(start, next(tie), graph, [])]
+    seen = {graph.hash()}
+    expansions = 0
+    while queue and expansions < budget:
+        _, _, g, log = heapq.heappop(queue)
+        expansions += 1
+        raise_if_interrupted()  # a Ctrl-C inside TVM's type inference comes back as an error
+        for rule in rules:
+            for m in list(rule.matches(g)):
+                new = rule.apply(g, m)
+                h = new.hash()
+                if h in seen:
+                    continue
+                seen.add(h)
+                c = cost(new)
+                if c < alpha * best.cost:
+                    heapq.heappush(queue, (c, next(tie), new, log + [rule.name]))
+                if c < best.cost:
+                    best = SearchResult(new, c, log + [rule.name])
+    best.expansions, best.seen = expansions, len(seen)
+    return best

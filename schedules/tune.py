@@ -1,0 +1,369 @@
+"""MetaSchedule tuning of a model's kernels: budgeted, resumable, deduplicated, and never worse than the default.
+
+A task is one fused PrimFunc of the lowered module (the same functions the build schedules), keyed by its
+structural hash, i.e. MetaSchedule's workload hash, so the same kernel in two models is one workload.
+`tune` splits a trial budget over the model's tasks with MetaSchedule's gradient task scheduler (XGBoost cost
+model, evolutionary search), measuring each candidate locally or on a device over RPC. Before tuning a task it
+measures edgeq's default schedule of it the same way; `tuned_schedules` (the build's pass) only uses a tuned
+schedule that beats that default. Workloads whose tuning finished are skipped forever after; an interrupted
+run continues where it stopped, spending only what is left of the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import database as dbs
+
+_FAILED = 1e9  # MetaSchedule records failed candidates with run_secs 1e10
+NEGLIGIBLE = 0.02  # share of the model's default latency below which a kernel is not tuned
+
+
+@dataclass
+class Remote:
+    """Where candidates run: a TVM RPC server (host, port) or a tracker (host, port) and key."""
+
+    host: str
+    port: int
+    key: str | None = None  # set: (host, port) is a tracker
+    timeout: float = 60.0
+    compiler: str | None = None  # cross compiler that links the candidates for the device
+
+
+@dataclass
+class TaskResult:
+    name: str
+    workload: str
+    weight: int
+    default_ms: float | None
+    best_ms: float | None
+    trials: int
+    status: str  # "tuned", "already tuned", "negligible"
+
+
+@dataclass
+class TuneResult:
+    directory: Path
+    tasks: list[TaskResult] = field(default_factory=list)
+    trials_run: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def workload_module(func):
+    """The IRModule MetaSchedule stores a PrimFunc's workload as (the key of tuning records)."""
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def workload_key(func) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(workload_module(func)))
+
+
+def extract_tasks(mod, target):
+    """The tuning tasks of a Relax module: its fused PrimFuncs after edgeq's pre-schedule lowering."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .lowering import pre_schedule
+
+    return ms.relax_integration.extract_tasks(pre_schedule(mod, target), target)
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule builder: compile a scheduled PrimFunc, leaving out the one-time weight repacking.
+
+    Unlike MetaSchedule's default_build it does not import tvm.s_tir.tensor_intrin (the candidates arrive
+    already tensorized), which costs every builder process many seconds.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _export_shared(compiler: str, rt_mod) -> str:
+    """MetaSchedule export for a device: a shared library linked by the preset's cross compiler."""
+    import tempfile
+
+    from tvm.support import cc
+
+    path = str(Path(tempfile.mkdtemp()) / "candidate.so")
+    rt_mod.export_library(path, fcompile=cc.cross_compiler(compiler))
+    return path
+
+
+def _connect(host: str, port: int, timeout: float, _config):
+    """MetaSchedule session factory for a server without a tracker."""
+    from tvm import rpc
+
+    return rpc.connect(host, port, session_timeout=timeout)
+
+
+def _builder_runner(remote: Remote | None):
+    from tvm.s_tir import meta_schedule as ms
+
+    from .tvmscript_import import install
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
+    if remote is None:
+        builder = ms.builder.LocalBuilder(f_build=build_candidate, initializer=install, timeout_sec=300)
+        return builder, ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
+    export = functools.partial(_export_shared, remote.compiler) if remote.compiler else None
+    builder = ms.builder.LocalBuilder(f_build=build_candidate, f_export=export, initializer=install, timeout_sec=300)
+    if remote.key:
+        config = ms.runner.RPCConfig(tracker_host=remote.host, tracker_port=remote.port, tracker_key=remote.key,
+                                     session_timeout_sec=int(remote.timeout))
+        return builder, ms.runner.RPCRunner(config, evaluator, max_workers=1)
+    # RPCConfig insists on tracker fields; with our own session factory they are never used to connect.
+    config = ms.runner.RPCConfig(tracker_host=remote.host, tracker_port=remote.port, tracker_key="direct",
+                                 session_timeout_sec=int(remote.timeout))
+    connect = functools.partial(_connect, remote.host, remote.port, remote.timeout)
+    return builder, ms.runner.RPCRunner(config, evaluator, max_workers=1, f_create_session=connect)
+
+
+def _measure(builder, runner, mod, target) -> float | None:
+    """Seconds per run of a scheduled PrimFunc module, measured like a tuning candidate (None: it failed)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        return None
+    args = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
+    device = "cuda" if target.kind.name == "cuda" else "cpu"
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+    result = future.result()
+    if result.error_msg or not result.run_secs:
+        return None
+    return float(sum(float(s) for s in result.run_secs) / len(result.run_secs))
+
+
+def _default_schedule(func, target):
+    from .default_cpu import default_schedule_func
+
+    return default_schedule_func(func, target)
+
+
+def _records_by_workload(directory: Path) -> dict[str, list[float]]:
+    """Each workload's measured latencies (seconds), in the order they were measured."""
+    workloads, _ = dbs.json_lines(directory / dbs.WORKLOADS)
+    records, _ = dbs.json_lines(directory / dbs.RECORDS)
+    keys = [w[0] for w in workloads]
+    out: dict[str, list[float]] = {}
+    for index, record in records:
+        secs = record[1] or [math.inf]
+        out.setdefault(keys[index], []).append(sum(secs) / len(secs))
+    return out
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """Ctrl-C asks the tuner to stop after the round being measured (its records are committed, the database
+    stays whole); a second Ctrl-C stops at once. A KeyboardInterrupt raised inside MetaSchedule's C++ threads
+    can crash the process, so the first one only sets the event the measure callback polls."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            print("edgeq: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)  # the database loses at most the line being written, repaired when next opened
+        stop.set()
+        print("\nedgeq: stopping after the current round of measurements (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress_callback(bar, names: list[str], stop: threading.Event):
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    best: dict[int, float] = {}
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for result in runner_results:
+                if result.error_msg is None and result.run_secs:
+                    secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+                    best[task_id] = min(best.get(task_id, math.inf), secs)
+            done = sum(bool(t.is_terminated) for t in task_scheduler.tasks_)
+            latest = f"{names[task_id]} {best[task_id] * 1e3:.3f} ms" if task_id in best else names[task_id]
+            bar.set_postfix_str(f"tasks done {done}/{len(names)}, best {latest}", refresh=False)
+            bar.update(len(measure_candidates))
+            if stop.is_set():  # raised in the scheduler's own thread, after this round's records were added
+                raise KeyboardInterrupt
+
+    return Progress()
+
+
+def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per_task: int | None = None,
+         remote: Remote | None = None, seed: int = 0, progress: bool = False) -> TuneResult:
+    """Tune a Relax module's kernels for a preset into work_dir/<preset>/ with a budget of `trials` candidates."""
+    import targets
+    from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgeq.errors import EdgeqError
+
+    target = targets.tvm_target(preset)
+    if target.kind.name != "llvm":
+        raise EdgeqError(f"tuning measures candidates on a CPU; {preset.name} is a {target.kind.name} target "
+                         "(build it with the default GPU schedules)")
+    cross = preset.arch != targets.detect.host_arch()
+    if cross and remote is None:
+        raise EdgeqError(f"{preset.name} code cannot run on this machine: tune it on the device with --rpc or "
+                         "--tracker/--key (e.g. an `edgeq device emulate` board)")
+    if remote is not None and cross:
+        remote.compiler = remote.compiler or targets.find_compiler(preset)
+        if remote.compiler is None:
+            raise EdgeqError(f"no cross compiler for {preset.name}: install {preset.package}")
+    directory = dbs.target_dir(work_dir, preset)
+    database, problems = dbs.open_database(directory)
+    result = TuneResult(directory, problems=problems)
+    ledger = dbs.load_ledger(directory)
+    builder, runner = _builder_runner(remote)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to work_dir/logs
+
+    tasks = extract_tasks(mod, target)
+    pending = []
+    for task in tasks:
+        func = task.dispatched[0]["main"]
+        key = workload_key(func)
+        entry = ledger.setdefault(key, {"task": task.task_name, "complete": False})
+        if entry["complete"]:
+            result.tasks.append(TaskResult(task.task_name, key, task.weight, entry.get("default_ms"), None, 0,
+                                           "already tuned"))
+            continue
+        if "default_ms" not in entry:
+            secs = _measure(builder, runner, workload_module(_default_schedule(func, target)), target)
+            entry["default_ms"] = None if secs is None else secs * 1e3
+            dbs.save_ledger(directory, ledger)
+        pending.append((task, key))
+
+    # The heaviest kernels first (the scheduler's first round follows this order); kernels taking under
+    # NEGLIGIBLE of the model's default time are not worth trials.
+    cost = {key: (ledger[key].get("default_ms") or math.inf) * task.weight for task, key in pending}
+    total = sum(c for c in cost.values() if math.isfinite(c))
+    pending.sort(key=lambda item: -cost[item[1]])
+    for task, key in [item for item in pending if cost[item[1]] < NEGLIGIBLE * total]:
+        ledger[key]["complete"] = True
+        result.tasks.append(TaskResult(task.task_name, key, task.weight, ledger[key]["default_ms"], None, 0,
+                                       "negligible"))
+    pending = [item for item in pending if cost[item[1]] >= NEGLIGIBLE * total]
+
+    measured = _records_by_workload(directory)
+    spent = sum(len(measured.get(key, ())) for _, key in pending)
+    remaining = trials - spent
+    status = "tuned"
+    if pending and remaining > 0:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t for t, _ in pending], str(directory), seed=seed)
+        names = [t.task_name for t, _ in pending]
+        callbacks = ms.measure_callback.MeasureCallback.create("default")
+        with _stop_on_ctrl_c() as stop, tqdm(total=remaining, disable=None if progress else True, unit="trial",
+                                             desc="tuning", leave=False) as bar:
+            callbacks = list(callbacks) + [_progress_callback(bar, names, stop)]
+            try:
+                ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(directory),
+                                   max_trials_global=remaining, max_trials_per_task=max_per_task or remaining,
+                                   num_trials_per_iter=per_iteration, builder=builder, runner=runner,
+                                   database=database, cost_model="xgb", measure_callbacks=callbacks,
+                                   task_scheduler="gradient")
+            except (KeyboardInterrupt, RuntimeError):
+                if not stop.is_set():
+                    raise
+            if stop.is_set():
+                raise KeyboardInterrupt  # the next run resumes from the database
+    for _, key in pending:
+        ledger[key]["complete"] = True
+    dbs.save_ledger(directory, ledger)
+
+    measured = _records_by_workload(directory)
+    result.trials_run = sum(len(measured.get(key, ())) for _, key in pending) - spent
+    for task, key in pending:
+        times = [t for t in measured.get(key, []) if t < _FAILED]
+        result.tasks.append(TaskResult(task.task_name, key, task.weight, ledger[key].get("default_ms"),
+                                       min(times) * 1e3 if times else None, len(measured.get(key, [])), status))
+    return result
+
+
+def report(directory: str | Path) -> list[dict]:
+    """Per workload of a database directory: task name, default and best latency, trials, tuning curve."""
+    directory = Path(directory)
+    if not (directory / dbs.RECORDS).exists():
+        raise FileNotFoundError(directory)
+    ledger = dbs.load_ledger(directory)
+    rows = []
+    for key, secs in _records_by_workload(directory).items():
+        curve, best = [], math.inf
+        for s in secs:
+            best = min(best, s if s < _FAILED else math.inf)
+            curve.append(best * 1e3)
+        entry = ledger.get(key, {})
+        rows.append({"task": entry.get("task", key), "workload": key, "trials": len(secs),
+                     "default_ms": entry.get("default_ms"), "best_ms": None if math.isinf(best) else best * 1e3,
+                     "complete": entry.get("complete", False), "curve_ms": curve})
+    return rows
+
+
+def tuned_schedules(directories: list[Path], target):
+    """Module pass: give each unscheduled PrimFunc the best tuned schedule that beats edgeq's default.
+
+    The databases are read in order; for a workload in several of them the fastest record wins. A function
+    with no record, or whose record is slower than the default schedule measured while tuning, keeps the default.
+    """
+    import tvm
+    from tvm import tirx
+
+    opened = []
+    for directory in directories:
+        database, _ = dbs.open_database(directory, create=False)
+        opened.append((database, dbs.load_ledger(directory)))
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeqApplyTuningDatabase")
+    def _apply(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+                continue
+            workload, key = workload_module(func), workload_key(func)
+            best = None
+            for database, ledger in opened:
+                record = database.query_tuning_record(workload, target, "main")
+                if record is None:
+                    continue
+                secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+                default_ms = ledger.get(key, {}).get("default_ms")
+                if default_ms is not None and secs * 1e3 >= default_ms:
+                    continue
+                if best is None or secs < best[0]:
+                    best = (secs, database)
+            if best is None:
+                continue
+            tuned = best[1].query_schedule(workload, target, "main").mod["main"]
+            symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
+            tuned = tuned.with_attr("global_symbol", symbol) if symbol else tuned.without_attr("global_symbol")
+            updates[gvar] = tuned.with_attr("tirx.is_scheduled", True)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _apply
