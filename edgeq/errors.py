@@ -48,6 +48,7 @@ def interruptible():
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()  # handled (or never happened): later code must not see a stale interrupt
 
 
 def raise_if_interrupted() -> None:

@@ -101,7 +101,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         ref = ref[:len(got)] if ref is not None else None
         op = g["op"] + (f"+{op_types.get(g['activation'], 'act')}" if g.get("activation") else "")
         rows.append({"node": g["node"], "op": op, "tensor": g["output"],
-                     "precision": f"w{g.get('weight_bits', 8)} a{g.get('output_bits', 8)}",
+                     "precision": f"w{g.get('weight_bits', 8)} out{g.get('output_bits', 8)}",
                      "sqnr_db": sqnr_db(ref, got) if ref is not None else None,
                      "max_abs_error": _max_abs(ref, got) if ref is not None else None, "worst": False})
     scored = [r for r in rows if r["sqnr_db"] is not None]
@@ -241,10 +241,10 @@ def _artifact_runs_here(artifact) -> tuple[str, str]:
 
 def layer_table(report: dict) -> tuple[list[list], list[str]]:
     """(rows, header) of the per-layer SQNR table, worst layer marked."""
-    rows = [[r["node"], r["op"], r["tensor"], r.get("precision", "w8 a8"), _db(r["sqnr_db"], r["max_abs_error"]),
+    rows = [[r["node"], r["op"], r["tensor"], r.get("precision", "w8 out8"), _db(r["sqnr_db"], r["max_abs_error"]),
              "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.4g}", "<- worst" if r["worst"] else ""]
             for r in report["layers"]]
-    return rows, ["layer", "op", "tensor", "bits", "SQNR dB", "max abs err", ""]
+    return rows, ["layer", "op", "tensor", "bits (weights, output)", "SQNR dB", "max abs err", ""]
 
 
 def _db(value, error) -> str:

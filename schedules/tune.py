@@ -12,6 +12,7 @@ run continues where it stopped, spending only what is left of the budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -223,14 +224,16 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
 
     from edgeq.errors import EdgeqError
 
-    target = targets.tvm_target(preset)
-    if target.kind.name != "llvm":
-        raise EdgeqError(f"tuning measures candidates on a CPU; {preset.name} is a {target.kind.name} target "
+    if preset.is_gpu:
+        raise EdgeqError(f"tuning measures candidates on a CPU; {preset.name} is a {preset.target['kind']} target "
                          "(build it with the default GPU schedules)")
     cross = preset.arch != targets.detect.host_arch()
     if cross and remote is None:
         raise EdgeqError(f"{preset.name} code cannot run on this machine: tune it on the device with --rpc or "
                          "--tracker/--key (e.g. an `edgeq device emulate` board)")
+    # MetaSchedule sizes its parallel loops by the target's core count: the board's, or this machine's.
+    cores = preset.target.get("num-cores") or (preset.threads if remote is not None else os.cpu_count())
+    target = targets.tvm_target(dataclasses.replace(preset, target={**preset.target, "num-cores": cores}))
     if remote is not None and cross:
         remote.compiler = remote.compiler or targets.find_compiler(preset)
         if remote.compiler is None:
@@ -240,7 +243,6 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     result = TuneResult(directory, problems=problems)
     ledger = dbs.load_ledger(directory)
     builder, runner = _builder_runner(remote)
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # tables go to work_dir/logs
 
     tasks = extract_tasks(mod, target)
     pending = []
@@ -261,7 +263,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     # The heaviest kernels first (the scheduler's first round follows this order); kernels taking under
     # NEGLIGIBLE of the model's default time are not worth trials.
     cost = {key: (ledger[key].get("default_ms") or math.inf) * task.weight for task, key in pending}
-    total = sum(c for c in cost.values() if math.isfinite(c))
+    total = sum((ledger[workload_key(t.dispatched[0]["main"])].get("default_ms") or 0.0) * t.weight for t in tasks)
     pending.sort(key=lambda item: -cost[item[1]])
     for task, key in [item for item in pending if cost[item[1]] < NEGLIGIBLE * total]:
         ledger[key]["complete"] = True
@@ -274,8 +276,15 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     remaining = trials - spent
     status = "tuned"
     if pending and remaining > 0:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [t for t, _ in pending], str(directory), seed=seed)
+        # Built here rather than by MetaSchedule's helper, which reconfigures Python logging globally
+        # (dictConfig); MetaSchedule's per-task tables go to a quiet logger.
+        quiet = logging.getLogger("edgeq.tune.metaschedule")
+        quiet.setLevel(logging.WARNING)
+        contexts = [ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                                   search_strategy="evolutionary", task_name=task.task_name, logger=quiet,
+                                   rand_state=seed + i, num_threads="physical").clone()
+                    for i, (task, _) in enumerate(pending)]
+        weights = [float(task.weight) for task, _ in pending]
         names = [t.task_name for t, _ in pending]
         callbacks = ms.measure_callback.MeasureCallback.create("default")
         with _stop_on_ctrl_c() as stop, tqdm(total=remaining, disable=None if progress else True, unit="trial",

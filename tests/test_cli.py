@@ -214,4 +214,7 @@ def test_w2a2_compile_and_eval_report_bits_per_layer(cli, tmp_path):
     code, out, err = cli("eval", tmp_path / "w2a2", "--data", DIGITS_TEST, "--labels", "label")
     assert code == 0, err
     assert "accuracy      fp32 99.17%, w2a2 9" in out  # 96.1 % here: within a few points of fp32
-    assert "w2 a2" in out and "w8 a8" in out  # the middle conv is 2-bit, the first and last layers 8-bit
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("/")}
+    assert "w8 out2" in rows["/0/Conv"]  # the first conv keeps 8-bit weights and writes 2-bit PACT codes
+    assert "w2 out8" in rows["/4/Conv"]  # the middle conv: 2-bit weights on those codes (W2A2)
+    assert "w8 out8" in rows["/9/Gemm"]  # the last layer stays 8-bit

@@ -153,7 +153,6 @@ def test_export_builds_to_bit_serial_kernels_equal_to_onnxruntime(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- digits
 def test_digits_w2a2_qat_reaches_98_percent(tmp_path):
-    pytest.importorskip("sklearn")
     import sys
 
     from edgeq.examples import train_digits as td
