@@ -149,12 +149,6 @@ def _measure(builder, runner, mod, target) -> float | None:
     return float(sum(float(s) for s in result.run_secs) / len(result.run_secs))
 
 
-def _default_schedule(func, target):
-    from .default_cpu import default_schedule_func
-
-    return default_schedule_func(func, target)
-
-
 def _records_by_workload(directory: Path) -> dict[str, list[float]]:
     """Each workload's measured latencies (seconds), in the order they were measured."""
     workloads, _ = dbs.json_lines(directory / dbs.WORKLOADS)
@@ -224,6 +218,8 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
 
     from edgeq.errors import EdgeqError
 
+    from .default_cpu import default_schedule_func
+
     if preset.is_gpu:
         raise EdgeqError(f"tuning measures candidates on a CPU; {preset.name} is a {preset.target['kind']} target "
                          "(build it with the default GPU schedules)")
@@ -245,17 +241,17 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     builder, runner = _builder_runner(remote)
 
     tasks = extract_tasks(mod, target)
+    keys = [workload_key(task.dispatched[0]["main"]) for task in tasks]
     pending = []
-    for task in tasks:
+    for task, key in zip(tasks, keys):
         func = task.dispatched[0]["main"]
-        key = workload_key(func)
         entry = ledger.setdefault(key, {"task": task.task_name, "complete": False})
         if entry["complete"]:
             result.tasks.append(TaskResult(task.task_name, key, task.weight, entry.get("default_ms"), None, 0,
                                            "already tuned"))
             continue
         if "default_ms" not in entry:
-            secs = _measure(builder, runner, workload_module(_default_schedule(func, target)), target)
+            secs = _measure(builder, runner, workload_module(default_schedule_func(func, target)), target)
             entry["default_ms"] = None if secs is None else secs * 1e3
             dbs.save_ledger(directory, ledger)
         pending.append((task, key))
@@ -263,7 +259,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     # The heaviest kernels first (the scheduler's first round follows this order); kernels taking under
     # NEGLIGIBLE of the model's default time are not worth trials.
     cost = {key: (ledger[key].get("default_ms") or math.inf) * task.weight for task, key in pending}
-    total = sum((ledger[workload_key(t.dispatched[0]["main"])].get("default_ms") or 0.0) * t.weight for t in tasks)
+    total = sum((ledger[key].get("default_ms") or 0.0) * task.weight for task, key in zip(tasks, keys))
     pending.sort(key=lambda item: -cost[item[1]])
     for task, key in [item for item in pending if cost[item[1]] < NEGLIGIBLE * total]:
         ledger[key]["complete"] = True
