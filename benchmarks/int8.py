@@ -22,11 +22,11 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-import models  # noqa: E402
+from edgeq import zoo  # noqa: E402
 
 import edgeq  # noqa: E402
 
-MODELS = {"resnet18": ("ResNet-18", models.resnet18), "mobilenet_v2": ("MobileNetV2", models.mobilenet_v2)}
+MODELS = zoo.MODELS
 
 
 def ort_quantize(model: onnx.ModelProto, calibration: np.ndarray, work: Path) -> onnx.ModelProto:

@@ -1,6 +1,6 @@
 """fp32 latency without tuning: edgeq vs onnxruntime (and plain TVM) on ResNet-18 and MobileNetV2 shapes.
 
-Models are built here with random weights (benchmarks/models.py). Each row is measured in one run, and
+Models are built here with random weights (edgeq/zoo.py). Each row is measured in one run, and
 ratios are edgeq / onnxruntime at the same thread count. Writes benchmarks/results/latency.md.
 
     python benchmarks/latency.py [--threads 1 2] [--no-plain-tvm]
@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-import models  # noqa: E402
+from edgeq import zoo  # noqa: E402
 
 import edgeq  # noqa: E402
 import targets  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for name, build_model in [("ResNet-18", models.resnet18), ("MobileNetV2", models.mobilenet_v2)]:
+    for name, build_model in [("ResNet-18", zoo.resnet18), ("MobileNetV2", zoo.mobilenet_v2)]:
         model = build_model(batch=1, image=224, seed=0)
         inputs = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
         start = time.perf_counter()

@@ -11,8 +11,8 @@ W2A2 network reads, 2-bit PACT codes of a ReLU output; it costs one multiply per
 conv) and is in all three models, like the input quantize and the output dequantize.  Latency: the artifact's
 benchmark() in interleaved rounds (see :func:`latencies`).  The w2a2 layers are also built for rpi4 and run on the
 emulated Pi 4 (qemu + TVM RPC, `edgeq.deploy.emulate`) against the host build of the same QDQ model.  Sizes:
-weight bytes from the artifacts' manifests (the QDQ file stores 2-bit integers as int8) and the packed size
-the bit-serial kernels hold (2 bits per weight).  Writes benchmarks/results/lowbit.md.
+weight bytes from the artifacts' manifests, as the compiled modules hold them (the 2-bit layers' weights
+bit-packed, 2 bits per weight).  Writes benchmarks/results/lowbit.md.
 
     python benchmarks/lowbit.py [--threads 1] [--layers 56 28 14 7] [--no-emulation] [--no-models]
 """
@@ -33,10 +33,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-import models  # noqa: E402
+from edgeq import zoo  # noqa: E402
 
 import edgeq  # noqa: E402
-from edgeq.artifact import QUANTIZED_MODEL  # noqa: E402
 
 LAYERS = {56: 64, 28: 128, 14: 256, 7: 512}  # ResNet-18's 3x3 stride-1 convs: spatial size -> channels
 
@@ -60,7 +59,7 @@ def conv_layer(size: int, channels: int, seed: int = 0) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
                               [numpy_helper.from_array(scale, "dw.weight"), numpy_helper.from_array(w, "conv.weight"),
                                numpy_helper.from_array(b, "conv.bias")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", models.OPSET)], ir_version=models.IR_VERSION)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", zoo.OPSET)], ir_version=zoo.IR_VERSION)
 
 
 def low_bit_kernels(qdq: onnx.ModelProto) -> list[str]:
@@ -88,20 +87,6 @@ def output_step(quantized) -> float:
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.qdq.graph.initializer}
     dq = next(n for n in quantized.qdq.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "output")
     return float(inits[dq.input[1]])
-
-
-def packed_bytes(artifact) -> int:
-    """Weight bytes with low-bit layers at their bit width (what the bit-serial kernels hold), from the
-    artifact's manifest (which layers are low-bit) and its QDQ model (the integers)."""
-    bits = {layer["node"]: layer["weight_bits"] for layer in artifact.manifest["quantization"]["quantized_layers"]
-            if "weight_bits" in layer}
-    qdq = onnx.load(artifact.path / QUANTIZED_MODEL)
-    total = 0
-    for t in qdq.graph.initializer:
-        nbytes = numpy_helper.to_array(t).nbytes
-        node = t.name[:-len(".weight.q")] if t.name.endswith(".weight.q") else None
-        total += math.ceil(nbytes * bits[node] / 8) if node in bits else nbytes
-    return total
 
 
 def latencies(artifacts: dict, feed: dict, threads: int, repeat: int = 10, rounds: int = 3) -> dict[str, float]:
@@ -182,7 +167,7 @@ def model_sizes(work: Path, threads: int) -> tuple[list[list], list[list]]:
 
     rng = np.random.default_rng(1)
     nets = [("digits CNN", onnx.load(DIGITS_MODEL), DIGITS_CALIB, {"image": (1, 1, 8, 8)}),
-            ("ResNet-18", models.resnet18(batch=1, image=224, seed=0),
+            ("ResNet-18", zoo.resnet18(batch=1, image=224, seed=0),
              {"input": rng.standard_normal((8, 3, 224, 224)).astype(np.float32)}, None)]
     size_rows, latency_rows = [], []
     for name, model, calib, shapes in nets:
@@ -198,13 +183,14 @@ def model_sizes(work: Path, threads: int) -> tuple[list[list], list[list]]:
             print(f"{name} {mode}: built in {time.perf_counter() - start:.0f} s", flush=True)
         stored = {m: sum(a.manifest["quantization"]["weight_bytes"].values()) for m, a in built.items()}
         fp32 = stored["fp32"]
-        packed = packed_bytes(built["w2a2"])
-        layers = built["w2a2"].manifest["quantization"]["quantized_layers"]
-        weighted = [layer for layer in layers if layer["op"] in ("Conv", "Gemm", "MatMul")]
+        w2a2 = built["w2a2"].manifest["quantization"]
+        packed = w2a2["weights_by_precision"]["2-bit packed"]
+        weighted = [layer for layer in w2a2["quantized_layers"] if layer["op"] in ("Conv", "Gemm", "MatMul")]
         low = [layer for layer in weighted if layer.get("weight_bits", 8) < 8]
         size_rows.append([name, f"{fp32:,}", f"{stored['int8']:,} ({stored['int8'] / fp32:.3f}×)",
-                          f"{stored['w2a2']:,}", f"**{packed:,} ({packed / fp32:.3f}×)**",
-                          f"{len(low)} of {len(weighted)}"])
+                          f"**{stored['w2a2']:,} ({stored['w2a2'] / fp32:.3f}×)**",
+                          f"{packed['bytes']:,} of {packed['fp32_bytes']:,} "
+                          f"(1/{packed['fp32_bytes'] / packed['bytes']:.1f})", f"{len(low)} of {len(weighted)}"])
         feed = {built["fp32"].inputs[0].name: rng.standard_normal(built["fp32"].inputs[0].shape).astype(np.float32)}
         ms = latencies(built, feed, threads)
         latency_rows.append([name, threads, f"{ms['fp32']:.3f}", f"{ms['int8']:.3f}", f"{ms['w2a2']:.3f}",
@@ -295,12 +281,13 @@ def main() -> None:
         text += [
             "## Model size (weight bytes)",
             "",
-            "fp32 / int8 / w2a2 (QDQ storage): `weight_bytes` of each artifact's manifest (the w2a2 QDQ file "
-            "keeps 2-bit integers as int8); w2a2 packed: the same with each low-bit layer's weights at 2 bits "
-            "(what its bit-serial kernel holds); first and last weighted layers stay 8-bit. Digits: the bundled "
-            "model (calibration: digits_calib.npz); ResNet-18: benchmarks/models.py, 8 N(0,1) calibration images.",
+            "fp32 / int8 / w2a2: the sum of `weight_bytes` in each artifact's manifest, the constants the compiled "
+            "module holds (weights, int32 bias/requantize parameters, activation scales); 2-bit packed: the "
+            "`weights_by_precision` entry of the w2a2 manifest, the low-bit layers' bit planes against the fp32 "
+            "bytes of the same weights; first and last weighted layers stay 8-bit. Digits: the bundled model "
+            "(calibration: digits_calib.npz); ResNet-18: edgeq/zoo.py, 8 N(0,1) calibration images.",
             "",
-            harness.markdown_table(["model", "fp32", "int8", "w2a2 (QDQ storage)", "w2a2 packed",
+            harness.markdown_table(["model", "fp32", "int8", "w2a2", "2-bit packed (of their fp32)",
                                     "2-bit conv/dense layers"], size_rows),
             "",
             "Whole-model latency of the same builds (ms):",

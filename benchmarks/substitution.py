@@ -1,6 +1,6 @@
 """Graph substitution (MetaFlow, relay_passes/substitution/): end-to-end latency with vs without it.
 
-Models (random seeded weights, ONNX built like benchmarks/models.py): an Inception-style network (parallel
+Models (random seeded weights, ONNX built like edgeq/zoo.py): an Inception-style network (parallel
 1x1 / 1x1->3x3 / 1x1->5x5 / pool->1x1 branches of one input, concatenated; 56² and 28² blocks, 64-256
 channels) and ResNet-18. For each, the Relax module the build compiles (edgeq.build.graph_module) is compiled
 by edgeq.build.codegen (edgeq lowering for host) as it is and after `substitute`, both executables are run on
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
-import models  # noqa: E402
+from edgeq import zoo  # noqa: E402
 
 import targets  # noqa: E402
 from edgeq.artifact import thread_count  # noqa: E402
@@ -41,20 +41,20 @@ DEFAULT = {"alpha": 1.05, "budget": 300}  # the pass's defaults: the end-to-end 
 
 
 # --- the Inception-style model ----------------------------------------------------------------------------------
-def _concat(g: models._Net, parts: list[str]) -> str:
+def _concat(g: zoo._Net, parts: list[str]) -> str:
     stats = [g.stats[p] for p in parts]
     return g._op("Concat", parts, (float(np.mean([m for m, _ in stats])), float(np.mean([v for _, v in stats]))),
                  axis=1)
 
 
-def _pool3(g: models._Net, x: str) -> str:
+def _pool3(g: zoo._Net, x: str) -> str:
     """MaxPool 3x3, stride 1, same padding (the pool branch of an Inception block)."""
     mu, var = g.stats[x]
     return g._op("MaxPool", [x], (mu + 1.5 * math.sqrt(var), 0.5 * var),
                  kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
 
 
-def inception_block(g: models._Net, x: str, cin: int, c1: int, r3: int, c3: int, r5: int, c5: int, cp: int) -> str:
+def inception_block(g: zoo._Net, x: str, cin: int, c1: int, r3: int, c3: int, r5: int, c5: int, cp: int) -> str:
     """GoogLeNet's block: 1x1 | 1x1->3x3 | 1x1->5x5 | maxpool->1x1, conv-BN-ReLU each, concatenated."""
     b1 = g.conv_bn(x, cin, c1, 1)
     b3 = g.conv_bn(g.conv_bn(x, cin, r3, 1), r3, c3, 3)
@@ -74,7 +74,7 @@ INCEPTION_BLOCKS = [  # (image, cin, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool
 
 def inception(batch: int = 1, image: int = 112, seed: int = 0):
     """Stem conv 3x3/2 (3 -> 64, 56²), two blocks at 56², max-pool /2, three blocks at 28², 1000-way head."""
-    g = models._Net(seed)
+    g = zoo._Net(seed)
     x = g.conv_bn("input", 3, 64, 3, stride=2)
     size = image // 2
     for spatial, cin, c1, r3, c3, r5, c5, cp in INCEPTION_BLOCKS:
@@ -187,7 +187,7 @@ def main() -> None:
     start = time.perf_counter()
     results = []
     builders = {"inception": ("Inception-style (112² in, 56²/28² blocks)", inception, 112),
-                "resnet18": ("ResNet-18 (224²)", models.resnet18, 224)}
+                "resnet18": ("ResNet-18 (224²)", zoo.resnet18, 224)}
     for key in args.models:
         label, build_model, image = builders[key]
         results.append(bench_model(label, build_model(batch=1, image=image, seed=0), image, preset, args, cache))

@@ -1,7 +1,8 @@
-"""Tuning: untuned (default schedules + shipped records) vs MetaSchedule-tuned vs onnxruntime, fp32 and int8.
+"""Tuning: default schedules vs + shipped records vs MetaSchedule-tuned vs onnxruntime, fp32 and int8.
 
-For each model and precision: tune with a trial budget into a fresh work dir (the wall time is reported), build
-without and with its records, and time both against onnxruntime (fp32: the same model; int8: ORT
+For each zoo model and precision: tune with a trial budget into a fresh work dir (the wall time is reported),
+build with edgeq's default schedules only, with the shipped records (`edgeq tune --zoo`, read by every build),
+and with the shipped plus the fresh records, and time them against onnxruntime (fp32: the same model; int8: ORT
 `quantize_static` QDQ, as in int8.py) at 2 threads. The tuning curves of the last model go to
 benchmarks/results/tuning_curves.png. Writes benchmarks/results/tuning.md.
 
@@ -21,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 import int8 as int8_bench  # noqa: E402
-import models  # noqa: E402
+from edgeq import zoo  # noqa: E402
 
 import edgeq  # noqa: E402
 import targets  # noqa: E402
@@ -35,18 +36,17 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64, help="tuning budget per model and precision")
     parser.add_argument("--per-iteration", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(int8_bench.MODELS), choices=list(int8_bench.MODELS))
+    parser.add_argument("--models", nargs="+", default=list(zoo.MODELS), choices=list(zoo.MODELS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     args = parser.parse_args()
 
     preset = targets.resolve("host")
-    rng = np.random.default_rng(0)
     rows, notes, curves = [], [], None
+    feed = {"input": np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     for key in args.models:
-        name, build_model = int8_bench.MODELS[key]
+        name, build_model = zoo.MODELS[key]
         model = build_model(batch=1, image=224, seed=0)
-        calibration = {"input": rng.standard_normal((16, 3, 224, 224)).astype(np.float32)}
-        feed = {"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+        calibration = zoo.calibration()  # what `edgeq tune --zoo` used: the int8 kernels match the shipped ones
         for precision in args.precisions:
             work = Path(tempfile.mkdtemp(prefix="edgeq-tuning-"))
             quantized = edgeq.quantize(model, calibration) if precision == "int8" else None
@@ -56,35 +56,40 @@ def main() -> None:
             result = tune.tune(graph_module(imported, preset, quantized.qdq if quantized else None), preset,
                                work / "db", args.trials, per_iteration=args.per_iteration, progress=True)
             tune_s = time.perf_counter() - start
-            untuned = edgeq.build(source, "host", work / "untuned")
-            tuned = edgeq.build(source, "host", work / "tuned", tuning_db=work / "db")
-            untuned_ms = untuned.benchmark(feed, repeat=10, threads=args.threads)["median_ms"]
-            tuned_ms = tuned.benchmark(feed, repeat=10, threads=args.threads)["median_ms"]
+            builds = {"default": edgeq.build(source, "host", work / "default", shipped_tuning=False),
+                      "shipped": edgeq.build(source, "host", work / "shipped"),
+                      "tuned": edgeq.build(source, "host", work / "tuned", tuning_db=work / "db")}
+            ms = {k: a.benchmark(feed, repeat=10, threads=args.threads)["median_ms"] for k, a in builds.items()}
             peer = int8_bench.ort_quantize(model, calibration["input"], work) if precision == "int8" else model
             ort_ms = harness.ort_latency_ms(peer, feed, args.threads)
-            same = np.abs(untuned.run(feed)["output"] - tuned.run(feed)["output"]).max()
-            rows.append([name, precision, f"{untuned_ms:.2f}", f"{tuned_ms:.2f}", f"{ort_ms:.2f}",
-                         f"{untuned_ms / ort_ms:.2f}×", f"**{tuned_ms / ort_ms:.2f}×**", f"{tuned_ms / untuned_ms:.2f}×"])
+            same = max(np.abs(builds["default"].run(feed)["output"] - a.run(feed)["output"]).max()
+                       for a in builds.values())
+            shipped = len(builds["shipped"].manifest["tuning"]["tuned_kernels"])
+            rows.append([name, precision, f"{ms['default']:.2f}", f"{ms['shipped']:.2f} ({shipped})",
+                         f"{ms['tuned']:.2f}", f"{ort_ms:.2f}", f"{ms['shipped'] / ort_ms:.2f}×",
+                         f"**{ms['tuned'] / ort_ms:.2f}×**", f"{ms['tuned'] / ms['default']:.2f}×"])
             print(rows[-1], flush=True)
             better = [t for t in result.tasks if t.best_ms and t.default_ms and t.best_ms < t.default_ms]
             notes.append(f"{name} {precision}: {args.trials} trials over {len(result.tasks)} kernels in "
                          f"{tune_s:.0f} s; tuned schedule beat the default for {len(better)} kernel(s)"
                          + (f" ({', '.join(f'{t.name} {t.default_ms / t.best_ms:.2f}×' for t in better)})"
-                            if better else "") + f"; max |tuned - untuned output| {same:.2g}")
+                            if better else "") + f"; max |difference| of the three builds' outputs {same:.2g}")
             curves = tune.report(result.directory)
     if curves:
         plot_tuning_curves(curves, Path(__file__).parent / "results" / "tuning_curves.png")
     table = harness.markdown_table(
-        ["model (batch 1, 224²)", "precision", "untuned ms", "tuned ms", "ORT ms", "untuned / ORT", "tuned / ORT",
-         "tuned / untuned"], rows)
+        ["model (batch 1, 224²)", "precision", "default ms", "+ shipped ms (kernels)", "tuned ms", "ORT ms",
+         "shipped / ORT", "tuned / ORT", "tuned / default"], rows)
     harness.write_result("tuning", "\n".join([
         "# Tuning: edgeq untuned vs tuned vs onnxruntime",
         "",
         f"Machine: {harness.machine()}",
         "",
         f"Command: `python benchmarks/tuning.py --trials {args.trials}`. {args.threads} threads, batch 1, median "
-        "of 10 measurements (edgeq) / 20 (ORT). untuned = edgeq default schedules (+ shipped records, if any); "
-        f"tuned = the same plus a fresh MetaSchedule run (XGBoost cost model, gradient task scheduler, "
+        "of 10 measurements (edgeq) / 20 (ORT). default = edgeq's default schedules only (`--no-shipped-tuning`); "
+        "+ shipped = what every build gets: the records of `edgeq tune --zoo` in schedules/databases/ (how many "
+        "kernels used one in brackets); "
+        f"tuned = shipped plus a fresh MetaSchedule run (XGBoost cost model, gradient task scheduler, "
         f"{args.trials} trials per model and precision, {args.per_iteration} per round); a tuned schedule is only "
         "used where it measured faster than the default. ORT int8 = quantize_static QDQ (see int8.py). "
         "Tuning curves of the last row: tuning_curves.png.",

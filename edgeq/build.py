@@ -17,24 +17,19 @@ from .errors import EdgeqError, interruptible, one_line, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
 
 
-def _weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of the model's constant weights, by dtype (what quantization shrinks)."""
-    sizes: dict[str, int] = {}
-    for t in model.graph.initializer:
-        arr = onnx.numpy_helper.to_array(t)
-        sizes[arr.dtype.name] = sizes.get(arr.dtype.name, 0) + arr.nbytes
-    return sizes
+def _quantization_summary(model: ImportedModel, quantized, mod) -> dict:
+    """How the model was quantized, and the weight bytes the compiled module `mod` holds by precision (with the
+    fp32 bytes of the same parameters: "2-bit packed" bytes / their fp32 bytes is the low-bit layers' ratio)."""
+    from relay_passes.quantize import is_quantized, storage
 
-
-def _quantization_summary(model: ImportedModel, quantized) -> dict:
-    from relay_passes.quantize import is_quantized
-
+    precisions = storage.weights_by_precision(mod)
+    weights = {"weight_bytes": {label: p["bytes"] for label, p in precisions.items()},
+               "weights_by_precision": precisions}
     if quantized is not None:
-        return {**quantized.summary(), "weight_bytes": _weight_bytes(quantized.qdq)}
+        return {**quantized.summary(), **weights}
     if is_quantized(model.onnx_model):
-        return {"mode": "int8", "source": "pre-quantized (QDQ/QLinear ONNX)",
-                "weight_bytes": _weight_bytes(model.onnx_model)}
-    return {"mode": "fp32", "weight_bytes": _weight_bytes(model.onnx_model)}
+        return {"mode": "int8", "source": "pre-quantized (QDQ/QLinear ONNX)", **weights}
+    return {"mode": "fp32", **weights}
 
 
 def _export(executable, stage: Path, preset: targets.Preset) -> dict:
@@ -99,15 +94,15 @@ def graph_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelPr
     return pipeline.optimize(model.mod if qdq is None else realize_onnx(qdq, realize.activation_dtype(target), target))
 
 
-def codegen(mod, preset: targets.Preset, tuning_dbs=()):
+def codegen(mod, preset: targets.Preset, tuning_dbs=(), applied: list | None = None):
     """Lowering and code generation: kernels with a record in one of `tuning_dbs` (directories) that beats the
-    default schedule get the tuned schedule."""
+    default schedule get the tuned schedule (their names are appended to `applied`)."""
     import tvm
     from schedules.lowering import lowering_pipeline
 
     target = targets.tvm_target(preset)
     with target:  # TVM's CUDA codegen callbacks read the architecture from the current target
-        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target, tuning_dbs))
+        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target, tuning_dbs, applied))
 
 
 def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
@@ -159,7 +154,8 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
             from relay_passes.substitution import substitute as substitute_graph
 
             mod, substituted = substitute_graph(mod, preset, **({} if substitute is True else substitute))
-        executable = codegen(mod, preset, tuning_dbs)
+        tuned_kernels: list[str] = []
+        executable = codegen(mod, preset, tuning_dbs, tuned_kernels)
         out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgeq-")) / model.name
         with atomic_directory(out_dir) as stage:
             step("link")
@@ -182,8 +178,8 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
                 "library": library,
                 "inputs": [s.to_dict() for s in model.inputs],
                 "outputs": [s.to_dict() for s in model.outputs],
-                "quantization": _quantization_summary(model, quantized),
-                "tuning": {"databases": [str(d) for d in tuning_dbs]},
+                "quantization": _quantization_summary(model, quantized, mod),
+                "tuning": {"databases": [str(d) for d in tuning_dbs], "tuned_kernels": tuned_kernels},
                 **({"substitution": substituted.summary()} if substituted is not None else {}),
                 **({"cuda": cuda} if cuda else {}),
             })

@@ -42,13 +42,16 @@ def cmd_compile(args) -> None:
     options = {"percentile": args.percentile} if args.percentile is not None else {}
     if args.percentile is not None and args.calib_method != "percentile":
         raise EdgeqError("--percentile applies to --calib-method percentile only")
+    low_bit = args.quantize not in (None, "int8")
+    if args.fpsc and not low_bit:
+        raise EdgeqError("--fpsc applies to the low-bit modes (--quantize w2a2, w2a8 or w4a4)")
     artifact = build(args.model, target=args.target, out_dir=args.output,
                      input_shapes=parse_input_shapes(args.input_shape), progress=True,
                      quantize=args.quantize, calibration=args.calib, calib_method=args.calib_method,
                      exclude=tuple(x for item in args.exclude or [] for x in item.split(",") if x),
                      per_channel=not args.per_tensor, tuning_db=args.tuning_db, shipped_tuning=not args.no_shipped_tuning,
                      substitute=_substitute_options(args) if args.substitute else None,
-                     **({"keep_8bit": _keep_8bit(args.keep_8bit)} if args.quantize not in (None, "int8") else {}),
+                     **({"keep_8bit": _keep_8bit(args.keep_8bit), "fpsc": args.fpsc} if low_bit else {}),
                      **options)
     m = artifact.manifest
     q = m["quantization"]
@@ -99,17 +102,18 @@ def cmd_substitute(args) -> None:
 
 def cmd_tune(args) -> None:
     import targets
-    from schedules import tune
 
     if args.report:
         _tune_report(args.report, args.plot)
         return
+    if args.zoo is not None:
+        _tune_zoo(args, targets.resolve(args.target))
+        return
     if not args.model:
-        raise EdgeqError("tune needs a model (or --report DIR)")
-    from .build import graph_module
+        raise EdgeqError("tune needs a model (or --zoo, or --report DIR)")
+    from .errors import interruptible
     from .frontend import load_onnx
     from .quantize import quantize
-    from .errors import interruptible
     from .tensors import parse_input_shapes
 
     with interruptible():
@@ -120,16 +124,51 @@ def cmd_tune(args) -> None:
             if not args.calib:
                 raise EdgeqError(f"--quantize {args.quantize} needs calibration data (--calib)")
             qdq = quantize(model, args.calib, args.calib_method, progress=True, mode=args.quantize).qdq
-        result = tune.tune(graph_module(model, preset, qdq), preset, args.work_dir, args.trials,
-                           per_iteration=args.per_iteration, max_per_task=args.per_task, remote=_remote(args),
-                           progress=True)
+        result = _tune_one(args, model, preset, qdq, args.work_dir)
+    print(f"database: {result.directory} ({result.trials_run} trials this run); "
+          f"apply it with: edgeq compile {args.model} --target {args.target} --tuning-db {args.work_dir} -o OUT")
+
+
+def _tune_one(args, model, preset, qdq, work_dir):
+    """Tune one (possibly quantized) model and print its per-task table."""
+    from schedules import tune
+
+    from .build import graph_module
+
+    result = tune.tune(graph_module(model, preset, qdq), preset, work_dir, args.trials,
+                       per_iteration=args.per_iteration, max_per_task=args.per_task, remote=_remote(args),
+                       progress=True)
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
     rows = [[t.name[:48], t.status, t.trials, _ms(t.default_ms), _ms(t.best_ms),
              f"{t.default_ms / t.best_ms:.2f}x" if t.default_ms and t.best_ms else "-"] for t in result.tasks]
     _print_table(rows, ["task", "status", "trials", "default ms", "best tuned ms", "speedup"])
-    print(f"database: {result.directory} ({result.trials_run} trials this run); "
-          f"apply it with: edgeq compile {args.model} --target {args.target} --tuning-db {args.work_dir} -o OUT")
+    return result
+
+
+def _tune_zoo(args, preset) -> None:
+    """Tune every zoo model (fp32 and int8), `--trials` each, into the work dir, then ship the records that
+    beat the default schedules: schedules/databases/<preset>/, which builds read automatically."""
+    from schedules import database as dbs
+
+    from . import zoo
+    from .errors import interruptible
+    from .frontend import load_onnx
+    from .quantize import quantize
+
+    with interruptible():
+        for key in args.zoo or list(zoo.MODELS):
+            name, build_model = zoo.MODELS[key]
+            model = load_onnx(build_model())
+            for precision in ("fp32", "int8"):
+                print(f"{name} {precision}:", flush=True)
+                qdq = quantize(model, zoo.calibration(), progress=True).qdq if precision == "int8" else None
+                _tune_one(args, model, preset, qdq, args.work_dir)
+    shipped = dbs.target_dir(dbs.SHIPPED, preset)
+    history = dbs.target_dir(args.work_dir, preset)
+    kept = dbs.export_winners(history, shipped)
+    print(f"shipped: {shipped} now holds {kept} tuned kernels that beat the defaults; "
+          f"builds for {preset.name} read it automatically (full history: {history})")
 
 
 def _ms(value) -> str:
@@ -245,7 +284,18 @@ def _inspect_artifact(path: str) -> None:
     if "cuda" in m:
         print(f"  cuda    {m['cuda']['arch']}: {m['cuda']['kernels']}; nvcc check {m['cuda']['nvcc_check']}")
     q = m["quantization"]
-    print(f"  weights {q['mode']}: " + ", ".join(f"{k} {_mb(v)}" for k, v in q["weight_bytes"].items()))
+    print(f"  weights {q['mode']}{' fpsc' if q.get('fpsc') else ''}: "
+          + ", ".join(_precision(label, n, q.get("weights_by_precision", {}).get(label, {}))
+                      for label, n in q["weight_bytes"].items()))
+
+
+def _precision(label: str, nbytes: int, breakdown: dict) -> str:
+    """'2-bit packed 1.2 KB (1/16.0 of their fp32 18.4 KB)' for the kernels' weights; bytes alone for the rest."""
+    fp32 = breakdown.get("fp32_bytes")
+    if not breakdown.get("layers") or not fp32:
+        return f"{label} {_mb(nbytes)}"
+    ratio = f"1/{fp32 / nbytes:.1f} of" if nbytes < fp32 else f"{nbytes / fp32:.1f}x"
+    return f"{label} {_mb(nbytes)} ({ratio} their fp32 {_mb(fp32)})"
 
 
 def cmd_inspect(args) -> None:
@@ -376,6 +426,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-8bit", metavar="LAYERS", default="first,last",
                    help="low-bit modes: layers kept at 8 bits: 'first', 'last', node names (comma-separated; "
                    "'none' for none)")
+    p.add_argument("--fpsc", action="store_true", help="low-bit modes: keep residual shortcuts at 8 bits (Choi et "
+                   "al.'s fpsc): shortcut convs (e.g. a 1x1 downsample) and the tensors into and out of residual Adds")
     p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz (keys = input names, samples on "
                    "axis 0) or a directory of .npy/.npz batches")
     p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
@@ -398,9 +450,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("tune", cmd_tune, "tune a model's kernels with MetaSchedule into a resumable database")
     p.add_argument("model", nargs="?", help="model.onnx")
+    p.add_argument("--zoo", nargs="*", choices=["resnet18", "mobilenet_v2"], metavar="MODEL",  # edgeq.zoo.MODELS
+                   help="tune the zoo models (default: all: resnet18 mobilenet_v2), fp32 and int8, and add the "
+                        "kernels that beat the defaults to the database edgeq ships (schedules/databases/), "
+                        "which builds read automatically")
     p.add_argument("--target", default="host", help="preset name (see `edgeq targets`)")
     p.add_argument("--work-dir", default="edgeq-tuning", help="tuning work dir (one database per target)")
-    p.add_argument("--trials", type=int, default=200, help="candidates to measure for this model, in total")
+    p.add_argument("--trials", type=int, default=200, help="candidates to measure for this model "
+                                                           "(--zoo: for each model and precision), in total")
     p.add_argument("--per-task", type=int, help="at most this many candidates per kernel")
     p.add_argument("--per-iteration", type=int, default=16, help="candidates measured per search round")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)

@@ -2,7 +2,8 @@
 
 Modes: "int8" (8-bit everywhere), and the low-bit modes of Choi et al. (SysML 2019): "w2a2", "w2a8", "w4a4" --
 SAWB per-channel weights and PACT activations at those widths for the conv/dense layers, first and last
-weighted layers kept 8-bit; edgeq.build compiles the low-bit layers to bit-serial popcount kernels.
+weighted layers kept 8-bit (``fpsc=True``: residual shortcuts too); edgeq.build compiles the low-bit layers to
+bit-serial popcount kernels.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class QuantizedModel:
     ranges: dict[str, tuple[float, float]]
     per_channel: bool
     mode: str = "int8"
+    fpsc: bool = False  # low-bit modes: residual shortcuts kept 8-bit
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the QDQ model (runs in ONNX Runtime too, which makes a handy cross-check)."""
@@ -43,6 +45,7 @@ class QuantizedModel:
         widths = ", ".join(str(b) for b in sorted(set(low_bit.values())))
         return {
             "mode": self.mode,
+            **({"fpsc": self.fpsc} if self.mode != "int8" else {}),
             "source": "edgeq",
             "method": self.method,
             "activations": "8-bit per-tensor asymmetric (uint8 on x86, int8 on ARM)"
@@ -61,13 +64,14 @@ class QuantizedModel:
 
 def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...] = (), per_channel: bool = True,
              input_shapes: dict | None = None, progress: bool = False, mode: str = "int8",
-             keep_8bit: tuple[str, ...] = ("first", "last"), **options) -> QuantizedModel:
+             keep_8bit: tuple[str, ...] = ("first", "last"), fpsc: bool = False, **options) -> QuantizedModel:
     """Calibrate an fp32 ONNX model (path, ModelProto or ImportedModel) and choose its quantized form.
 
     calibration: an .npz (keys = input names; samples stacked on axis 0), a directory of .npy/.npz batches, or an
     iterable of input dicts/arrays.  method: minmax, percentile (percentile=99.99), entropy or mse (PACT
     activations of low-bit modes always use PACT's MSE-optimal clip).  exclude: node names, op types, "first",
-    "last" to keep in float.  mode: int8, w2a2, w2a8, w4a4; keep_8bit: layers of a low-bit mode kept 8-bit.
+    "last" to keep in float.  mode: int8, w2a2, w2a8, w4a4; keep_8bit: layers of a low-bit mode kept 8-bit;
+    fpsc: low-bit modes keep residual shortcuts 8-bit (shortcut convs, the tensors into and out of residual Adds).
     """
     from relay_passes.quantize import METHODS, Policy, is_quantized, quantize_onnx
 
@@ -79,11 +83,13 @@ def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...
     if is_quantized(imported.onnx_model):
         raise EdgeqError(f"{imported.name} is already quantized (it has QuantizeLinear/QLinear ops); "
                          "build it as it is, without --quantize")
+    if fpsc and mode not in LOW_BIT_MODES:
+        raise EdgeqError(f"fpsc (8-bit shortcuts) applies to the low-bit modes {', '.join(LOW_BIT_MODES)}, not {mode}")
     weight_bits, activation_bits = LOW_BIT_MODES.get(mode, (8, 8))
     policy = Policy(per_channel=per_channel, exclude=tuple(exclude), weight_bits=weight_bits,
-                    activation_bits=activation_bits, keep_8bit=tuple(keep_8bit))
+                    activation_bits=activation_bits, keep_8bit=tuple(keep_8bit), fpsc=fpsc)
     try:
         result = quantize_onnx(imported.onnx_model, calibration, method, policy, progress=progress, **options)
     except ValueError as e:  # observer options
         raise EdgeqError(f"calibration: {e}") from None
-    return QuantizedModel(imported, result.model, method, result.plan, result.ranges, per_channel, mode)
+    return QuantizedModel(imported, result.model, method, result.plan, result.ranges, per_channel, mode, fpsc)

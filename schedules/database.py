@@ -126,3 +126,36 @@ def load_ledger(directory: Path) -> dict:
 def save_ledger(directory: Path, ledger: dict) -> None:
     _write_atomic(Path(directory) / LEDGER, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
+
+
+def _mean_secs(record) -> float:
+    secs = [float(s) for s in (record[1] or [])]
+    return sum(secs) / len(secs) if secs else float("inf")
+
+
+def export_winners(source: str | os.PathLike, destination: str | os.PathLike) -> int:
+    """Copy into `destination` the best record of each workload of `source` that beats edgeq's default schedule.
+
+    What edgeq ships: only records a build would apply (one per workload, with its ledger entry), merged with
+    those already in `destination` (the faster one of a workload wins). Returns the number of workloads kept.
+    """
+    source, destination = Path(source), Path(destination)
+    winners: dict[str, tuple[list, list, dict]] = {}  # workload key -> (workload line, record, ledger entry)
+    for directory in (destination, source):
+        workloads, _ = json_lines(directory / WORKLOADS)
+        records, _ = json_lines(directory / RECORDS)
+        ledger = load_ledger(directory)
+        for index, record in records:
+            key = workloads[index][0]
+            default_ms = ledger.get(key, {}).get("default_ms")
+            secs = _mean_secs(record)
+            if default_ms is None or secs * 1e3 >= default_ms or secs >= 1e9:  # 1e9+: a failed candidate
+                continue
+            if key not in winners or secs < _mean_secs(winners[key][1]):
+                winners[key] = (workloads[index], record, ledger[key])
+    destination.mkdir(parents=True, exist_ok=True)
+    keys = sorted(winners)
+    _write_atomic(destination / WORKLOADS, "".join(json.dumps(winners[k][0]) + "\n" for k in keys))
+    _write_atomic(destination / RECORDS, "".join(json.dumps([i, winners[k][1]]) + "\n" for i, k in enumerate(keys)))
+    save_ledger(destination, {k: winners[k][2] for k in keys})
+    return len(keys)

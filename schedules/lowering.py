@@ -26,12 +26,12 @@ def pre_schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(pre_schedule_passes(target))(mod)
 
 
-def lowering_pipeline(target: tvm.target.Target, tuning_databases=()) -> tvm.transform.Pass:
+def lowering_pipeline(target: tvm.target.Target, tuning_databases=(), applied: list | None = None) -> tvm.transform.Pass:
     """The relax_pipeline to hand to tvm.compile for this target; CPU kernels with a tuned schedule in one of
-    `tuning_databases` (directories) that beats the default get it."""
+    `tuning_databases` (directories) that beats the default get it (their names are appended to `applied`)."""
     if target.kind.name != "llvm":
         return relax.get_default_pipeline(target)
-    tuned = [tuned_schedules(list(tuning_databases), target)] if tuning_databases else []
+    tuned = [tuned_schedules(list(tuning_databases), target, applied)] if tuning_databases else []
     passes = (pre_schedule_passes(target) + tuned + [default_cpu_schedule(target)]
               + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
 

@@ -17,7 +17,7 @@ from tvm import te, tirx, topi
 
 from relay_passes.quantize import scheme
 
-QSHIFT = 20  # left shift applied to 8-bit inputs of qadd / qrequantize (TFLite's kLeftShift), for precision
+QSHIFT = 20  # left shift applied to the 8-bit input of qrequantize (TFLite's kLeftShift), for precision
 
 
 # ---------------------------------------------------------------------------------------------- epilogue
@@ -156,13 +156,14 @@ def _channel_epilogue(acc, shape, bias, multiplier, shift, zero_point, out_min, 
     return te.compute(shape, epilogue, name=name)
 
 
-def qadd(a, b, *, a_multiplier, a_shift, b_multiplier, b_shift, a_zero_point, b_zero_point, output_zero_point,
-         out_min, out_max, out_dtype):
-    """Quantized elementwise add with numpy broadcasting, TFLite style.
+def qadd(a, b, *, a_multiplier, b_multiplier, shift, a_zero_point, b_zero_point, output_zero_point, out_min,
+         out_max, out_dtype):
+    """Quantized elementwise add with numpy broadcasting, rounded once (as a float add then quantize would be).
 
-    a' = (a - za) << 20, b' likewise; out = saturate(requantize(a', Ma, sa) + requantize(b', Mb, sb) + zo).
-    The caller computes ``Ma, sa = scheme.fixed_point_multiplier(scale_a / (scale_out * 2**20))`` (and the
-    same for b): the 20-bit headroom keeps the rounding of each operand far below one output step.
+    out = saturate(round(((a - za) * Ma + (b - zb) * Mb) / 2^s) + zo) in int64, where Ma / 2^s ~= scale_a /
+    scale_out and Mb / 2^s ~= scale_b / scale_out share the shift s (scheme.add_multipliers).  Rounding each
+    operand to the output step first and then adding (two roundings) put a third of the outputs one step off
+    a float add.
     """
     shape = _broadcast_shape(a.shape, b.shape)
 
@@ -170,11 +171,15 @@ def qadd(a, b, *, a_multiplier, a_shift, b_multiplier, b_shift, a_zero_point, b_
         offset = len(shape) - len(t.shape)
         return t(*[i if int(d) != 1 else 0 for i, d in zip(idx[offset:], t.shape)])
 
+    def scaled(t, idx, zero_point, multiplier):
+        return (tirx.Cast("int64", operand(t, idx)) - tirx.const(int(zero_point), "int64")) * tirx.const(
+            int(multiplier), "int64")
+
     def add(*idx):
-        sa = (_i32(operand(a, idx)) - int(a_zero_point)) << QSHIFT
-        sb = (_i32(operand(b, idx)) - int(b_zero_point)) << QSHIFT
-        value = (_requantize_const(sa, a_multiplier, a_shift) + _requantize_const(sb, b_multiplier, b_shift)
-                 + tirx.const(int(output_zero_point), "int32"))
+        acc = (scaled(a, idx, a_zero_point, a_multiplier) + scaled(b, idx, b_zero_point, b_multiplier)
+               + tirx.const(1 << (int(shift) - 1), "int64"))
+        value = tirx.Cast("int32", acc >> tirx.const(int(shift), "int64")) + tirx.const(int(output_zero_point),
+                                                                                     "int32")
         return _saturate(value, out_dtype, out_min, out_max)
 
     return te.compute(shape, add, name="qadd")
@@ -294,13 +299,12 @@ def reference_qdense(data, weight, bias, multiplier, shift, *, input_zero_point,
     return scheme.saturate(out, out_dtype, out_min, out_max)
 
 
-def reference_qadd(a, b, *, a_multiplier, a_shift, b_multiplier, b_shift, a_zero_point, b_zero_point,
-                   output_zero_point, out_min, out_max, out_dtype):
+def reference_qadd(a, b, *, a_multiplier, b_multiplier, shift, a_zero_point, b_zero_point, output_zero_point,
+                   out_min, out_max, out_dtype):
     """numpy int64 version of qadd."""
-    sa = (np.asarray(a, np.int64) - a_zero_point) << QSHIFT
-    sb = (np.asarray(b, np.int64) - b_zero_point) << QSHIFT
-    out = (scheme.requantize(sa, a_multiplier, a_shift).astype(np.int64)
-           + scheme.requantize(sb, b_multiplier, b_shift) + output_zero_point)
+    acc = ((np.asarray(a, np.int64) - a_zero_point) * np.int64(a_multiplier)
+           + (np.asarray(b, np.int64) - b_zero_point) * np.int64(b_multiplier))
+    out = ((acc + (np.int64(1) << (shift - 1))) >> shift) + output_zero_point
     return scheme.saturate(out, out_dtype, out_min, out_max)
 
 

@@ -329,11 +329,12 @@ def report(directory: str | Path) -> list[dict]:
     return rows
 
 
-def tuned_schedules(directories: list[Path], target):
+def tuned_schedules(directories: list[Path], target, applied: list | None = None):
     """Module pass: give each unscheduled PrimFunc the best tuned schedule that beats edgeq's default.
 
     The databases are read in order; for a workload in several of them the fastest record wins. A function
     with no record, or whose record is slower than the default schedule measured while tuning, keeps the default.
+    The names of the functions that got a tuned schedule are appended to `applied` (for the manifest).
     """
     import tvm
     from tvm import tirx
@@ -367,6 +368,8 @@ def tuned_schedules(directories: list[Path], target):
             symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
             tuned = tuned.with_attr("global_symbol", symbol) if symbol else tuned.without_attr("global_symbol")
             updates[gvar] = tuned.with_attr("tirx.is_scheduled", True)
+        if applied is not None:
+            applied.extend(sorted(gvar.name_hint for gvar in updates))
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod

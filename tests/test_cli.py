@@ -71,6 +71,7 @@ def test_targets_lists_presets_and_toolchains(cli):
     (["compile", "{model}", "-o", "{tmp}/o"], "dynamic input dims"),
     (["compile", "{model}", "-o", "{tmp}/o", "--input-shape", "x=2by3"], "bad shape"),
     (["compile", "{model}", "-o", "{tmp}/o", "--input-shape", "x=2x3x16x16", "--target", "rpi9"], "unknown target"),
+    (["compile", "{model}", "-o", "{tmp}/o", "--quantize", "int8", "--fpsc"], "--fpsc applies to the low-bit modes"),
     (["compile", "{unsupported}", "-o", "{tmp}/o"], "unsupported ONNX operators: Celu"),
     (["run", "{tmp}"], "not an edgeq artifact"),
     (["run", "{artifact}", "--input", "{tmp}/nothing.npz"], "cannot read arrays"),
@@ -139,10 +140,9 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path):
     import signal
     import time
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    import models
+    from edgeq import zoo
 
-    onnx.save(models.mobilenet_v2(), tmp_path / "mbv2.onnx")
+    onnx.save(zoo.mobilenet_v2(), tmp_path / "mbv2.onnx")
     proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "compile", str(tmp_path / "mbv2.onnx"),
                              "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     time.sleep(8)
@@ -211,6 +211,8 @@ def test_w2a2_compile_and_eval_report_bits_per_layer(cli, tmp_path):
     code, out, err = cli("compile", DIGITS_MODEL, "--input-shape", "image=1x1x8x8", "--quantize", "w2a2",
                          "--calib", DIGITS_CALIB, "-o", tmp_path / "w2a2")
     assert code == 0 and "w2a2" in out, err
+    code, out, err = cli("inspect", tmp_path / "w2a2")  # weights as stored: the middle conv's 2 bits a weight
+    assert code == 0 and "2-bit packed 1.2 KB (1/16.0 of their fp32 18.4 KB)" in out, out
     code, out, err = cli("eval", tmp_path / "w2a2", "--data", DIGITS_TEST, "--labels", "label")
     assert code == 0, err
     assert "accuracy      fp32 99.17%, w2a2 9" in out  # 96.1 % here: within a few points of fp32

@@ -134,10 +134,9 @@ def test_qdense_matches_numpy(rows, depth, features, dtype):
 def test_qadd_matches_numpy(shape_a, shape_b, dtype):
     rng = np.random.default_rng(1)
     a, b = random_q(rng, shape_a, dtype), random_q(rng, shape_b, dtype)
-    ma, sa = scheme.fixed_point_multiplier(0.03 / (0.05 * 2**qkernels.QSHIFT))
-    mb, sb = scheme.fixed_point_multiplier(0.07 / (0.05 * 2**qkernels.QSHIFT))
+    ma, mb, shift = scheme.add_multipliers(0.03, 0.07, 0.05)
     lo, hi = scheme.DTYPE_RANGES[dtype]
-    attrs = dict(a_multiplier=int(ma), a_shift=int(sa), b_multiplier=int(mb), b_shift=int(sb), a_zero_point=lo + 100,
+    attrs = dict(a_multiplier=ma, b_multiplier=mb, shift=shift, a_zero_point=lo + 100,
                  b_zero_point=lo + 120, output_zero_point=lo + 128, out_min=lo + 5, out_max=hi, out_dtype=dtype)
     expected = qkernels.reference_qadd(a, b, **attrs)
     assert expected.shape == np.broadcast_shapes(shape_a, shape_b)

@@ -166,6 +166,19 @@ def test_requantize_ties_round_towards_plus_infinity():
     assert scheme.requantize(acc, 2**30, 31).tolist() == [1, 0, 2, -1, 3, -2, 2]  # 0.5 -0.5 1.5 -1.5 2.5 -2.5 2
 
 
+@settings(max_examples=300, deadline=None)
+@given(qa=st.integers(-255, 255), qb=st.integers(-255, 255), scale_a=st.floats(1e-4, 1.0),
+       scale_b=st.floats(1e-4, 1.0), scale_out=st.floats(1e-3, 1.0))
+def test_quantized_add_rounds_the_exact_sum_once(qa, qb, scale_a, scale_b, scale_out):
+    """(qa - za) and (qb - zb) at their scales, added and expressed in output steps: one rounding of the real
+    sum, as a float add followed by quantize gives (up to the multipliers' 2^-31 relative error at ties)."""
+    ma, mb, shift = scheme.add_multipliers(scale_a, scale_b, scale_out)
+    assert max(abs(ma), abs(mb)) < 2**53  # times an 8-bit difference: fits int64
+    exact = (Fraction(qa) * Fraction(scale_a) + Fraction(qb) * Fraction(scale_b)) / Fraction(scale_out)
+    got = (qa * ma + qb * mb + (1 << (shift - 1))) >> shift  # qadd's arithmetic (python ints: no overflow)
+    assert abs(got - exact) <= Fraction(1, 2) + (abs(qa) + abs(qb)) * Fraction(1, 2**20)
+
+
 # ------------------------------------------------------------------------------------------ saturate, clamps
 def test_saturate():
     values = np.array([-1000, -129, -128, -5, 0, 7, 127, 128, 255, 256, 70000], np.int32)

@@ -140,33 +140,20 @@ def test_applying_records_changes_the_schedule_not_the_outputs(tuned, tmp_path, 
 
     x = np.random.default_rng(1).standard_normal((1, 8, 16, 16)).astype(np.float32)
     (expected,) = ort_outputs(onnx.load(model), {"x": x})
-    code, _, err = cli("compile", model, "--tuning-db", work_dir, "-o", tmp_path / "art")
+    code, _, err = cli("compile", model, "--tuning-db", work_dir, "--no-shipped-tuning", "-o", tmp_path / "art")
     assert code == 0, err
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["tuning"]["databases"] == [str(directory)]
+    assert [k for k in manifest["tuning"]["tuned_kernels"] if "conv2d" in k], manifest["tuning"]
     ex = tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target, [directory]))
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_damaged_database_lines_are_reported_and_skipped(tmp_path):
-    from tvm.s_tir import meta_schedule as ms
-
     # A real database with two workloads and a record each, then a torn workload line in the middle and a
     # half-written record at the end (what a kill during an append leaves).
-    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
-    funcs = []
-    for n in (8, 16):
-        from tvm import te
-
-        a = te.placeholder((n,), name="a")
-        funcs.append(te.create_prim_func([a, te.compute((n,), lambda i: a[i] * 2, name="b")]))
-    for func in funcs:
-        workload = database.commit_workload(tune.workload_module(func))
-        sch = tvm_schedule(tune.workload_module(func))
-        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-6],
-                                                               targets.tvm_target(targets.resolve("host")),
-                                                               ms.arg_info.ArgInfo.from_prim_func(func)))
+    funcs = _database(tmp_path, {8: 1e-6, 16: 1e-6})
     workloads = (tmp_path / dbs.WORKLOADS).read_text().splitlines()
     (tmp_path / dbs.WORKLOADS).write_text(workloads[0][:40] + "\n" + workloads[1] + "\n")  # first one torn
     records = (tmp_path / dbs.RECORDS).read_text()
@@ -177,8 +164,63 @@ def test_damaged_database_lines_are_reported_and_skipped(tmp_path):
                         f"{tmp_path / dbs.RECORDS}: skipped unreadable line 3",
                         f"{tmp_path / dbs.RECORDS}: skipped 1 records of unreadable workloads"]
     assert len(reopened) == 1  # the second workload's record survives, renumbered to the first line
-    assert reopened.query_tuning_record(tune.workload_module(funcs[1]), targets.tvm_target(targets.resolve("host")), "main") is not None
+    assert reopened.query_tuning_record(tune.workload_module(funcs[16]), targets.tvm_target(targets.resolve("host")), "main") is not None
     assert dbs.open_database(tmp_path)[1] == []  # repaired for good
+
+
+def _database(directory: Path, sizes_and_secs: dict[int, float]) -> dict:
+    """A real MetaSchedule database with one workload (y = 2x of length n) and one record (secs) per entry;
+    returns the PrimFunc of each n."""
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    directory.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(directory))
+    host = targets.tvm_target(targets.resolve("host"))
+    funcs = {}
+    for n, secs in sizes_and_secs.items():
+        a = te.placeholder((n,), name="a")
+        func = te.create_prim_func([a, te.compute((n,), lambda i: a[i] * 2, name="b")])
+        workload = database.commit_workload(tune.workload_module(func))
+        database.commit_tuning_record(ms.database.TuningRecord(tvm_schedule(tune.workload_module(func)).trace,
+                                                               workload, [secs], host,
+                                                               ms.arg_info.ArgInfo.from_prim_func(func)))
+        funcs[n] = func
+    return funcs
+
+
+def test_export_ships_only_records_that_beat_the_default(tmp_path, monkeypatch):
+    source, shipped = tmp_path / "work", tmp_path / "shipped" / "host-x"
+    keys = {n: tune.workload_key(f) for n, f in _database(source, {8: 1e-6, 16: 1e-3, 24: 2e-6}).items()}
+    dbs.save_ledger(source, {keys[8]: {"task": "eight", "default_ms": 0.01, "complete": True},  # tuned wins
+                             keys[16]: {"task": "sixteen", "default_ms": 0.5, "complete": True},  # default wins
+                             keys[24]: {"task": "twenty-four", "default_ms": 0.01, "complete": True}})
+    keys.update({n: tune.workload_key(f) for n, f in _database(shipped, {24: 1e-6, 32: 1e-6}).items()})  # already shipped: a faster 24, and 32
+    dbs.save_ledger(shipped, {keys[24]: {"task": "twenty-four", "default_ms": 0.01, "complete": True},
+                              keys[32]: {"task": "thirty-two", "default_ms": 0.01, "complete": True}})
+
+    assert dbs.export_winners(source, shipped) == 3
+    database, problems = dbs.open_database(shipped, create=False)
+    assert problems == [] and len(database) == 3  # one record per workload
+    assert set(dbs.load_ledger(shipped)) == {keys[8], keys[24], keys[32]}
+    best = {k: min(v) for k, v in tune._records_by_workload(shipped).items()}
+    assert best == {keys[8]: 1e-6, keys[24]: 1e-6, keys[32]: 1e-6}
+    # a build for the preset reads the shipped database unless told not to
+    monkeypatch.setattr(dbs, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setattr(dbs, "database_name", lambda preset: "host-x")
+    assert dbs.databases_for(targets.resolve("host")) == [shipped]
+    assert dbs.databases_for(targets.resolve("host"), shipped=False) == []
+
+
+def test_the_shipped_databases_hold_only_winning_records():
+    """What `edgeq tune --zoo` shipped: readable, one record per workload, each faster than edgeq's default."""
+    directories = [d for d in dbs.SHIPPED.iterdir() if d.is_dir()]
+    assert directories, "edgeq ships at least the database of the machine it is developed on"
+    for directory in directories:
+        assert dbs.repair(directory) == [], directory
+        ledger = dbs.load_ledger(directory)
+        for key, secs in tune._records_by_workload(directory).items():
+            assert len(secs) == 1 and secs[0] * 1e3 < ledger[key]["default_ms"], (directory, ledger.get(key))
 
 
 def tvm_schedule(mod):

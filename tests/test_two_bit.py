@@ -6,18 +6,21 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import onnx
 import pytest
 import tvm
 from conftest import llvm_assembly, ort_outputs
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 import edgeq
 import targets
-from edgeq.build import compile_module
+from edgeq.artifact import QUANTIZED_MODEL
+from edgeq.build import compile_module, graph_module
 from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 from edgeq.frontend import load_onnx
 from relay_passes.quantize import realize as realize_mod
-from relay_passes.quantize import realize_onnx
+from relay_passes.quantize import realize_onnx, storage
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,62 @@ def test_w2a2_weights_are_bit_packed(digits, w2a2):
     fp32 = next(t for t in imported.onnx_model.graph.initializer if t.name == "4.weight")
     fp32_bytes = int(np.prod(fp32.dims)) * 4
     assert planes.nbytes * 14 <= fp32_bytes, (planes.nbytes, fp32_bytes)
+
+
+def _constants(mod) -> list[np.ndarray]:
+    """Every tensor constant an op of the module's main reads (a walk of its own, not storage.py's)."""
+    from tvm.ir.expr import GenericConst
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, GenericConst):
+            found.append(expr.value.numpy())
+        elif isinstance(expr, (relax.Tuple, relax.Call)):
+            for child in expr.fields if isinstance(expr, relax.Tuple) else expr.args:
+                visit(child)
+
+    for binding in mod["main"].body.blocks[0].bindings:
+        visit(binding.value)
+    return found
+
+
+def _bytes_by_dtype(constants) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for c in constants:
+        totals[c.dtype.name] = totals.get(c.dtype.name, 0) + c.nbytes
+    return totals
+
+
+def test_w2a2_manifest_reports_the_bit_packed_weight_bytes(digits, w2a2, tmp_path):
+    imported, _, _ = digits
+    q = edgeq.build(w2a2, "host", tmp_path / "w2a2").manifest["quantization"]
+    packed = q["weights_by_precision"]["2-bit packed"]
+    assert packed["layers"] == ["/4/Conv"] and packed["fp32_bytes"] == 32 * 16 * 3 * 3 * 4
+    assert packed["bytes"] * 14 <= packed["fp32_bytes"]  # 4 weights a byte (16 channels: one uint16 word a plane)
+    assert q["weights_by_precision"]["int8"]["layers"] == ["/0/Conv", "/9/Gemm"]  # first and last stay 8-bit
+    # the manifest is what the realized module holds: its constants by dtype, bit planes in uint16 words
+    stored = _bytes_by_dtype(_constants(graph_module(imported, targets.resolve("host"), w2a2.qdq)))
+    by_dtype = {"2-bit packed": "uint16", "int8": "int8", storage.REQUANTIZE: "int32", "float32": "float32",
+                "uint8": "uint8"}
+    assert {by_dtype[label]: n for label, n in q["weight_bytes"].items()} == stored
+
+
+def test_int8_manifest_reports_a_byte_per_weight_and_fp32_its_floats(digits, tmp_path):
+    imported, _, _ = digits
+    quantized = edgeq.quantize(imported, DIGITS_CALIB)
+    q = edgeq.build(quantized, "host", tmp_path / "int8").manifest["quantization"]
+    weights = sum(numpy_helper.to_array(t).size for t in quantized.qdq.graph.initializer
+                  if t.name.endswith(".weight.q"))
+    int8 = q["weights_by_precision"]["int8"]
+    assert int8["fp32_bytes"] == 4 * weights
+    # one byte per weight, plus the zeros that pad the first conv's 1 input channel to the dot product's 4
+    assert int8["bytes"] == weights + 16 * 3 * 3 * 3
+    host = targets.resolve("host")
+    assert int8["bytes"] == _bytes_by_dtype(_constants(graph_module(imported, host, quantized.qdq)))["int8"]
+    fp32 = storage.weights_by_precision(graph_module(imported, host))
+    assert list(fp32) == ["float32"] and fp32["float32"]["bytes"] == fp32["float32"]["fp32_bytes"]
+    assert fp32["float32"]["bytes"] == sum(_bytes_by_dtype(_constants(graph_module(imported, host))).values())
 
 
 def test_without_popcount_the_same_integers_run_on_int8_kernels(digits, w2a2):
@@ -230,3 +289,65 @@ def test_qat_exported_pact_sawb_model_builds_to_bit_serial(tmp_path):
     # integer kernels vs onnxruntime's float fake quant: the same codes up to a rounding tie (one output step)
     assert np.abs(ours - oracle).max() <= 0.05 * 1.001
     assert np.mean(ours == oracle) > 0.97 and np.unique(ours).size > 5  # measured: all equal, 24 distinct values
+
+
+def _residual_model() -> onnx.ModelProto:
+    """A small ResNet: stem conv, a block with a 1x1 stride-2 downsample shortcut, a block with an identity
+    shortcut (conv-relu-conv + shortcut, then relu), global pool, gemm."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def conv(name, x, cin, cout, k=3, stride=1, relu=True):
+        w = rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))
+        inits.extend([numpy_helper.from_array(w.astype(np.float32), f"{name}.w"),
+                      numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name, kernel_shape=[k, k],
+                                      strides=[stride] * 2, pads=[k // 2] * 4))
+        return _relu(name) if relu else name
+
+    def _relu(x):
+        nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
+        return f"{x}.relu"
+
+    def add(name, a, b):
+        nodes.append(helper.make_node("Add", [a, b], [name], name=name))
+        return _relu(name)
+
+    h = conv("stem", "x", 3, 8)
+    h = add("add1", conv("b1.conv2", conv("b1.conv1", h, 8, 16, stride=2), 16, 16, relu=False),
+            conv("b1.downsample", h, 8, 16, k=1, stride=2, relu=False))
+    h = add("add2", conv("b2.conv2", conv("b2.conv1", h, 16, 16), 16, 16, relu=False), h)
+    inits.append(numpy_helper.from_array((rng.standard_normal((10, 16)) * 0.3).astype(np.float32), "fc.w"))
+    nodes += [helper.make_node("GlobalAveragePool", [h], ["pool"], name="pool"),
+              helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
+              helper.make_node("Gemm", ["flat", "fc.w"], ["out"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "resnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_fpsc_keeps_the_shortcuts_8bit_and_matches_onnxruntime(cli, tmp_path):
+    model, rng = _residual_model(), np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)}
+    plain = {g["node"]: g for g in edgeq.quantize(model, calib, mode="w2a2").summary()["quantized_layers"]}
+    assert plain["b1.downsample"]["weight_bits"] == 2 and plain["add1"]["output_bits"] == 2  # without fpsc: 2-bit
+    onnx.save(model, tmp_path / "resnet.onnx")
+    np.savez(tmp_path / "calib.npz", **calib)
+    code, _, err = cli("compile", tmp_path / "resnet.onnx", "--quantize", "w2a2", "--fpsc", "--calib",
+                       tmp_path / "calib.npz", "-o", tmp_path / "fpsc")
+    assert code == 0, err
+    artifact = edgeq.Artifact.load(tmp_path / "fpsc")
+    q = artifact.manifest["quantization"]
+    layers = {g["node"]: g for g in q["quantized_layers"]}
+    assert q["fpsc"] is True
+    assert "weight_bits" not in layers["b1.downsample"]  # the shortcut conv keeps 8-bit weights
+    assert all(layers[n]["weight_bits"] == 2 for n in ("b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2"))
+    # 8-bit activations at the fork (the stem's output) and out of both Adds; the blocks' inner ReLUs stay 2-bit
+    assert not any("output_bits" in layers[n] for n in ("stem", "add1", "add2"))
+    assert layers["b1.conv1"]["output_bits"] == layers["b2.conv1"]["output_bits"] == 2
+    assert "b1.downsample" in q["weights_by_precision"]["int8"]["layers"]
+    qdq = onnx.load(tmp_path / "fpsc" / QUANTIZED_MODEL)
+    xs = rng.standard_normal((100, 1, 3, 12, 12)).astype(np.float32)
+    ours = np.concatenate([artifact.run({"x": x})["out"] for x in xs])
+    oracle = np.concatenate([ort_outputs(qdq, {"x": x})[0] for x in xs])
+    np.testing.assert_array_equal(ours, oracle)  # integer kernels, bit-exact with onnxruntime's QDQ

@@ -54,7 +54,9 @@ class Policy:
     Low-bit modes (Choi et al.): ``weight_bits`` < 8 quantizes the weights of conv (groups 1) / matmul / gemm
     with SAWB (odd integers 2c - (2^b - 1) times alpha / (2^b - 1), per channel), ``activation_bits`` < 8 the
     non-negative (ReLU/Clip) inputs of those layers with PACT (codes 0..2^k-1, scale alpha / (2^k - 1)).
-    ``keep_8bit`` (node names, op types, "first", "last") stay 8-bit.
+    ``keep_8bit`` (node names, op types, "first", "last") stay 8-bit.  ``fpsc`` keeps residual shortcuts at 8 bits
+    (the paper's "full-precision shortcut" variant): the convs on the shortcut side of a residual Add keep 8-bit
+    weights, and the tensors from the fork through the Add's output stay 8-bit activations, not PACT codes.
     """
 
     activation_dtype: str = "uint8"
@@ -63,6 +65,7 @@ class Policy:
     weight_bits: int = 8
     activation_bits: int = 8
     keep_8bit: tuple[str, ...] = ("first", "last")
+    fpsc: bool = False
 
 
 @dataclass
@@ -203,18 +206,24 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
         result.groups.append(group)
         quantized.add(group.output)
     if policy.weight_bits < 8 or policy.activation_bits < 8:
-        _assign_low_bits(result, policy, nodes={n.name: n for n in graph.node})
+        _assign_low_bits(result, policy, graph, consts)
     return result
 
 
-def _assign_low_bits(plan_: Plan, policy: Policy, nodes: dict) -> None:
+def _assign_low_bits(plan_: Plan, policy: Policy, graph: onnx.GraphProto, consts: dict) -> None:
     """Mark the low-bit weighted groups and the PACT activation tensors they read."""
+    nodes = {n.name: n for n in graph.node}
     weighted = [g for g in plan_.groups if g.weight is not None]
     keep = set(policy.keep_8bit)
     if "first" in keep and weighted:
         keep.add(weighted[0].node)
     if "last" in keep and weighted:
         keep.add(weighted[-1].node)
+    eight_bit: set[str] = set()  # activation tensors that stay 8-bit
+    if policy.fpsc:
+        adds, shortcut_layers, eight_bit = _residual_shortcuts(graph, consts)
+        keep |= shortcut_layers
+        eight_bit |= {g.output for g in plan_.groups if g.node in adds}  # after a fused ReLU
     producers = {g.output: g for g in plan_.groups}
     for group in weighted:
         if group.node in keep or group.op_type in keep:
@@ -223,22 +232,60 @@ def _assign_low_bits(plan_: Plan, policy: Policy, nodes: dict) -> None:
             continue  # grouped / depthwise convolutions stay 8-bit
         group.weight_bits = min(policy.weight_bits, 8)
         if policy.activation_bits < 8:
-            _mark_pact_input(plan_, producers, group.inputs[0], policy.activation_bits)
+            _mark_pact_input(plan_, producers, group.inputs[0], policy.activation_bits, eight_bit)
 
 
-def _mark_pact_input(plan_: Plan, producers: dict, tensor: str, bits: int) -> None:
+def _mark_pact_input(plan_: Plan, producers: dict, tensor: str, bits: int, eight_bit: set[str]) -> None:
     """A low-bit layer's input is a PACT tensor when it is a fused ReLU/Clip output, possibly behind max pools
-    (which keep its codes and its alpha); otherwise it stays 8-bit."""
+    (which keep its codes and its alpha); otherwise, or when one of them must stay 8-bit, it stays 8-bit."""
     chain = []
     producer = producers.get(tensor)
     while producer is not None and producer.op_type == "MaxPool":
         chain.append(producer.output)
         producer = producers.get(producer.inputs[0])
-    if producer is None or producer.activation is None:
+    if producer is None or producer.activation is None or eight_bit & {producer.output, *chain}:
         return
     for name in (producer.output, *chain):
         old = plan_.low_bit.get(name)
         plan_.low_bit[name] = (max(bits, old[0]) if old else bits, producer.output)
+
+
+def _residual_shortcuts(graph: onnx.GraphProto, consts: dict) -> tuple[set[str], set[str], set[str]]:
+    """fpsc: the shortcut side of every residual Add (two computed inputs that fork from one tensor), the input
+    with fewer weighted layers back to the fork (ResNet: the identity, or the 1x1 downsample conv; a tie has no
+    shortcut).  Returns (the residual Adds, the weighted nodes on shortcuts, the tensors from each fork through
+    the shortcut into and out of its Add)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    order = {out: i for i, node in enumerate(graph.node) for out in node.output}
+
+    def upstream(tensor: str) -> set[str]:
+        seen, todo = set(), [tensor]
+        while todo:
+            name = todo.pop()
+            if name and name not in seen and name not in consts:
+                seen.add(name)
+                todo.extend(producer[name].input if name in producer else ())
+        return seen
+
+    adds, layers, tensors = set(), set(), set()
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2 or any(i in consts for i in add.input):
+            continue
+        a, b = (upstream(i) for i in add.input)
+        common = a & b
+        if not common:
+            continue  # two independent inputs: no fork
+        fork = max(common, key=lambda t: order.get(t, -1))  # the last tensor both depend on
+        branches = [a - common, b - common]
+        weighted = [{producer[t].name for t in branch if t in producer and producer[t].op_type in WEIGHTED}
+                    for branch in branches]
+        if len(weighted[0]) == len(weighted[1]):
+            continue
+        shortcut = 0 if len(weighted[0]) < len(weighted[1]) else 1
+        adds.add(add.name)
+        layers |= weighted[shortcut]
+        tensors |= {fork, *branches[shortcut], *add.input, *add.output}
+    return adds, layers, tensors
 
 
 def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[float, float]],

@@ -16,6 +16,9 @@ model's zero points (q - 128 is exact), so either kind of QDQ model runs on eith
 Low-bit layers (SAWB weights, stored as odd int8 integers 2c - (2^b - 1); PACT activations, a quantize clamped
 to codes 0..2^k-1 with zero point 0, e.g. after Clip(0, alpha)) become `schedules.bitserial` popcount kernels
 with the weights as bit planes; their epilogue clamps straight to the next layer's k-bit codes.
+
+Every constant given to a kernel is recorded with its precision and the fp32 bytes it stands for (storage.py):
+the manifest's weight bytes by precision are read off the module.
 """
 
 from __future__ import annotations
@@ -27,11 +30,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import scheme
+from . import scheme, storage
 
 _SCRATCH = "edgeq_realized_main"  # the rewritten function's name while it is built next to the original
-_ADD_SHIFT = 20
-_DOT_DEPTH = 4  # input channels one dot-product instruction reduces (vpdpbusd, sdot)  # qadd / qrequantize scale their int32 input up by 2^20 before requantizing (TFLite)
+_DOT_DEPTH = 4  # input channels one dot-product instruction reduces (vpdpbusd, sdot)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Weight:
     values: np.ndarray  # int8, zero point 0
     scale: np.ndarray  # float32, () or (channels,)
     axis: int | None
+    layer: str = ""  # the node that reads it (what the manifest names)
 
 
 def _key(array: np.ndarray) -> str:
@@ -60,6 +63,10 @@ def extract_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     inits = {t.name: t for t in graph.initializer}
     table: dict[str, Weight] = {}
     replaced = []
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, node.name)
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
             continue
@@ -73,11 +80,12 @@ def extract_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         shifted = values.astype(np.int32) - zero.reshape(_axis_shape(values.ndim, axis))
         if not np.all(zero == (128 if values.dtype == np.uint8 else 0)) or shifted.min() < -128:
             continue
-        weight = Weight(shifted.astype(np.int8), scale, axis)
+        weight = Weight(shifted.astype(np.int8), scale, axis, readers.get(node.output[0], node.output[0]))
         real = scheme.dequantize(weight.values, scheme.QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis))
         table[_key(real)] = weight
         if real.ndim == 2:
-            table[_key(real.T)] = Weight(weight.values.T.copy(), scale, None if axis is None else 1 - axis)
+            table[_key(real.T)] = replace(weight, values=weight.values.T.copy(),
+                                          axis=None if axis is None else 1 - axis)
         graph.initializer.append(numpy_helper.from_array(real, node.output[0]))
         replaced.append(node)
     for node in replaced:
@@ -129,7 +137,7 @@ def realize(mod, weights: dict[str, Weight], dtype: str = "uint8", target=None):
     built = realizer.bb.get()
     out = tvm.IRModule({gv: f for gv, f in built.functions.items() if gv.name_hint != _SCRATCH}, attrs=mod.attrs)
     out["main"] = new_func.with_attr("global_symbol", "main")
-    return relax.transform.DeadCodeElimination(["main"])(out)
+    return relax.transform.DeadCodeElimination(["main"])(out).with_attr(storage.ATTR, realizer.stored)
 
 
 class _Realizer:
@@ -144,6 +152,7 @@ class _Realizer:
         self.vmap: dict = {}  # original var -> new var
         self.qmap: dict = {}  # original var of a quantize -> QTensor
         self.layouts: dict = {}  # (id of QTensor var, layout) -> converted var
+        self.stored: dict = {}  # storage.key of each kernel constant -> (precision, layer, fp32 bytes)
 
     # --- driving ---------------------------------------------------------------------------------------
     def rewrite(self, func):
@@ -232,6 +241,26 @@ class _Realizer:
     def _nhwc(self, qt: QTensor) -> QTensor:
         return self._layout(qt, "NHWC")
 
+    def _constant(self, array: np.ndarray, label: str, layer: str, fp32_bytes: int):
+        """A kernel's constant, recorded with its precision and the fp32 bytes of the parameters it holds."""
+        from tvm import relax
+
+        array = np.ascontiguousarray(array)
+        self.stored[storage.key(array)] = (label, layer, int(fp32_bytes))
+        return relax.const(array)
+
+    def _weight_const(self, array: np.ndarray, weight: Weight, weight_bits: int = 8):
+        """Weights as the kernel holds them: int8, or b-bit codes packed into bit planes of unsigned words."""
+        label = "int8" if array.dtype == np.int8 else f"{weight_bits}-bit packed"
+        return self._constant(array, label, weight.layer, weight.values.size * 4)
+
+    def _epilogue_consts(self, bias_i32, multiplier, shift, bias, weight: Weight) -> list:
+        """The int32 bias, multiplier and shift of a conv / dense: they stand for the fp32 bias (if any)."""
+        fp32 = 0 if bias is None else np.size(bias) * 4
+        return [self._constant(_int32(bias_i32), storage.REQUANTIZE, weight.layer, fp32),
+                self._constant(multiplier, storage.REQUANTIZE, weight.layer, 0),
+                self._constant(shift, storage.REQUANTIZE, weight.layer, 0)]
+
     def _emit(self, kernel, *args, name: str, **attrs):
         return self.bb.emit_te(kernel, *args, primfunc_name_hint=name, **attrs)
 
@@ -243,7 +272,7 @@ class _Realizer:
         same = np.float32(qt.scale) == np.float32(scale) and qt.zero_point == zero
         if same and ((lo, hi) == (qmin, qmax) or (qt.bits < 8 and lo <= zero and hi >= zero + 2**qt.bits - 1)):
             return QTensor(qt.var, scale, zero, self.dtype, qt.layout, qt.bits)
-        multiplier, shift = scheme.fixed_point_multiplier(qt.scale / (scale * 2**_ADD_SHIFT))
+        multiplier, shift = scheme.fixed_point_multiplier(qt.scale / (scale * 2**qkernels.QSHIFT))
         var = self._emit(qkernels.qrequantize, qt.var, multiplier=int(multiplier), shift=int(shift),
                          input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
                          out_dtype=self.dtype, name="qrequantize")
@@ -323,8 +352,9 @@ class _Realizer:
         bias_i32 = np.round(b / acc_scale) - qt.zero_point * w.reshape(channels, -1).sum(axis=1)
         multiplier, shift = scheme.fixed_point_multiplier(acc_scale / scale)
         var = self._emit(
-            qkernels.qconv2d, qt.var, _rconst(w.astype(np.int8).transpose(2, 3, 1, 0)), _rconst(_int32(bias_i32)),
-            _rconst(multiplier), _rconst(shift), strides=tuple(int(s) for s in attrs.strides),
+            qkernels.qconv2d, qt.var, self._weight_const(w.astype(np.int8).transpose(2, 3, 1, 0), weight),
+            *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+            strides=tuple(int(s) for s in attrs.strides),
             padding=tuple(int(p) for p in attrs.padding), dilation=tuple(int(d) for d in attrs.dilation),
             groups=int(attrs.groups), input_zero_point=qt.zero_point, output_zero_point=zero,
             out_min=lo, out_max=hi, out_dtype=self.dtype, name="qconv2d")
@@ -345,8 +375,9 @@ class _Realizer:
             code_zero += bitserial.CODE_OFFSET[qt.dtype]
         bias_i32, multiplier, shift = self._requant_params(code_zero, qt.scale, w.reshape(channels, -1).sum(axis=1),
                                                            weight, bias, channels, scale)
-        var = self._emit(kernel, qt.var, _rconst(weights), _rconst(_int32(bias_i32)), _rconst(multiplier),
-                         _rconst(shift), strides=tuple(int(s) for s in attrs.strides),
+        var = self._emit(kernel, qt.var, self._weight_const(weights, weight, weight_bits),
+                         *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                         strides=tuple(int(s) for s in attrs.strides),
                          padding=tuple(int(p) for p in attrs.padding), dilation=tuple(int(d) for d in attrs.dilation),
                          input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
                          out_dtype=self.dtype, name=kernel.__name__, **extra)
@@ -377,9 +408,10 @@ class _Realizer:
             code_zero += bitserial.CODE_OFFSET[qt.dtype]
         bias_i32, multiplier, shift = self._requant_params(code_zero, qt.scale, w.sum(axis=0), weight, bias, channels,
                                                            scale)
-        return self._emit(kernel, data, _rconst(weights), _rconst(_int32(bias_i32)), _rconst(multiplier),
-                          _rconst(shift), input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo,
-                          out_max=hi, out_dtype=self.dtype, name=kernel.__name__, **extra)
+        return self._emit(kernel, data, self._weight_const(weights, weight, weight_bits),
+                          *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                          input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
+                          out_dtype=self.dtype, name=kernel.__name__, **extra)
 
     def _pad_channels(self, qt: QTensor, w: np.ndarray) -> tuple[QTensor, np.ndarray]:
         """Pad input channels to a multiple of the dot product's depth (the first conv: 1 or 3 channels).
@@ -420,9 +452,10 @@ class _Realizer:
         if weight_bits:
             var = self._bitserial_dense(data, qt, weight, weight_bits, bias, scale, zero, lo, hi)
         if var is None:
-            var = self._emit(qkernels.qdense, data, _rconst(weight.values), _rconst(_int32(bias_i32)),
-                             _rconst(multiplier), _rconst(shift), input_zero_point=qt.zero_point,
-                             output_zero_point=zero, out_min=lo, out_max=hi, out_dtype=self.dtype, name="qdense")
+            var = self._emit(qkernels.qdense, data, self._weight_const(weight.values, weight),
+                             *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                             input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
+                             out_dtype=self.dtype, name="qdense")
         if len(shape) != 2:
             var = self.bb.emit(relax.op.reshape(var, (*shape[:-1], channels)))
         return QTensor(var, scale, zero, self.dtype, "native")
@@ -436,9 +469,9 @@ class _Realizer:
         same_shape = [int(d) for d in a.var.ty.shape] == [int(d) for d in b.var.ty.shape]
         layout = "NHWC" if same_shape and "NHWC" in (a.layout, b.layout) else "native"
         a, b = self._layout(a, layout), self._layout(b, layout)
-        (ma, sa), (mb, sb) = (scheme.fixed_point_multiplier(x.scale / (scale * 2**_ADD_SHIFT)) for x in (a, b))
-        var = self._emit(qkernels.qadd, a.var, b.var, a_multiplier=int(ma), a_shift=int(sa), b_multiplier=int(mb),
-                         b_shift=int(sb), a_zero_point=a.zero_point, b_zero_point=b.zero_point,
+        ma, mb, shift = scheme.add_multipliers(a.scale, b.scale, scale)
+        var = self._emit(qkernels.qadd, a.var, b.var, a_multiplier=ma, b_multiplier=mb, shift=shift,
+                         a_zero_point=a.zero_point, b_zero_point=b.zero_point,
                          output_zero_point=zero, out_min=lo, out_max=hi, out_dtype=self.dtype, name="qadd")
         return QTensor(var, scale, zero, self.dtype, layout)
 
@@ -560,12 +593,6 @@ def _is_const(expr) -> bool:
 
 def _const(expr) -> np.ndarray:
     return expr.value.numpy()
-
-
-def _rconst(array: np.ndarray):
-    from tvm import relax
-
-    return relax.const(np.ascontiguousarray(array))
 
 
 def _int32(values: np.ndarray) -> np.ndarray:

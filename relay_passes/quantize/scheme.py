@@ -120,6 +120,23 @@ def fixed_point_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     return multiplier.astype(np.int32), shift.astype(np.int32)
 
 
+def add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> tuple[int, int, int]:
+    """(Ma, Mb, s) with Ma / 2^s ~= scale_a / scale_out and Mb / 2^s ~= scale_b / scale_out: one shift, so a
+    quantized add sums both operands exactly in int64 and rounds once.
+
+    The shift is the larger operand's (its 31-bit multiplier kept exact); the other multiplier is aligned to it
+    (exact when shifted left; a tiny operand's multiplier loses low bits).  |8-bit q| * M < 2^9 * 2^53 fits int64.
+    """
+    (ma, sa), (mb, sb) = (fixed_point_multiplier(x / scale_out) for x in (scale_a, scale_b))
+    shift = int(min(max(sa, sb), min(sa, sb) + 22))
+
+    def aligned(m, s):
+        m, s = int(m), int(s)
+        return m << (shift - s) if shift >= s else (m + (1 << (s - shift - 1))) >> (s - shift)
+
+    return aligned(ma, sa), aligned(mb, sb), shift
+
+
 def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """round(acc * M / 2^s), ties towards +inf, as int32.  M and s broadcast against acc (channels last)."""
     acc64 = np.asarray(acc, np.int64)

@@ -1,4 +1,8 @@
-"""ResNet-18 and MobileNetV2 as ONNX models with random (seeded) weights.
+"""The model zoo: ResNet-18 and MobileNetV2 as ONNX models with random (seeded) weights.
+
+What the benchmarks measure and what `edgeq tune --zoo` tunes into the shipped databases: the kernels
+(workloads) depend on shapes, not on weight values, so records tuned on these fit trained models of the
+same architectures.
 
 The architectures follow torchvision (`resnet18`, `mobilenet_v2`); opset 17,
 IR 9, input ``input`` [batch, 3, image, image] float32, output ``output``
@@ -12,7 +16,7 @@ really normalises (as in a trained net) and activations stay O(1) through
 the residual stacks instead of growing with depth.  gamma ~ U(0.8, 1.2),
 beta ~ N(0, 0.05).
 
-    python benchmarks/models.py resnet18.onnx mobilenet_v2.onnx [--batch N] [--image S]
+    python -m edgeq.zoo resnet18.onnx mobilenet_v2.onnx [--batch N] [--image S]
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class _Net:
             [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, 1000])],
             self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              ir_version=IR_VERSION, producer_name="edgeq-benchmarks")
+                              ir_version=IR_VERSION, producer_name="edgeq-zoo")
         onnx.checker.check_model(m, full_check=True)
         return m
 
@@ -157,6 +161,14 @@ def mobilenet_v2(batch: int = 1, image: int = 224, seed: int = 0) -> onnx.ModelP
     x = g.conv_bn(x, cin, 1280, 1, act="relu6")
     g.head(x, 1280)
     return g.model("mobilenet_v2", batch, image)
+
+
+MODELS = {"resnet18": ("ResNet-18", resnet18), "mobilenet_v2": ("MobileNetV2", mobilenet_v2)}
+
+
+def calibration(batch: int = 16, image: int = 224, seed: int = 0) -> dict[str, np.ndarray]:
+    """Calibration data for a zoo model: N(0, 1) images (the inputs the random-weight models were scaled for)."""
+    return {"input": np.random.default_rng(seed).standard_normal((batch, 3, image, image)).astype(np.float32)}
 
 
 def main(argv=None) -> None:
