@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -162,8 +163,11 @@ def _tune_zoo(args, preset) -> None:
             model = load_onnx(build_model())
             for precision in ("fp32", "int8"):
                 print(f"{name} {precision}:", flush=True)
+                start = time.perf_counter()
                 qdq = quantize(model, zoo.calibration(), progress=True).qdq if precision == "int8" else None
-                _tune_one(args, model, preset, qdq, args.work_dir)
+                result = _tune_one(args, model, preset, qdq, args.work_dir)
+                print(f"{name} {precision}: {result.trials_run} trials in {time.perf_counter() - start:.0f} s",
+                      flush=True)
     shipped = dbs.target_dir(dbs.SHIPPED, preset)
     history = dbs.target_dir(args.work_dir, preset)
     kept = dbs.export_winners(history, shipped)

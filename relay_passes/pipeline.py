@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from tvm import relax, transform
 
+from .clip_ops import clip_to_ops
+
 
 def inference_passes() -> list[transform.Pass]:
-    """Simplify for inference: batch norm decomposed to scale/shift and folded into constants."""
+    """Simplify for inference: batch norm decomposed to scale/shift and folded into constants; the importer's
+    Clip made visible to layout conversion and fusion again."""
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        clip_to_ops,
         relax.transform.DeadCodeElimination(),
     ]
 

@@ -56,6 +56,7 @@ def databases_for(preset, tuning_db: str | os.PathLike | None = None, shipped: b
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared (or shipped) database from other users
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

@@ -162,7 +162,26 @@ def _records_by_workload(directory: Path) -> dict[str, list[float]]:
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c():
+def _native_log(path: Path):
+    """Send what TVM's C++ writes to stderr while tuning (a warning per failed tensorize attempt, thousands of
+    lines) to `path`; yields a stream to the terminal for edgeq's own progress and messages."""
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    terminal = os.fdopen(os.dup(terminal_fd), "w", buffering=1)
+    try:
+        yield terminal
+    finally:
+        terminal.flush()
+        sys.stderr.flush()
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+        terminal.close()
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(terminal):
     """Ctrl-C asks the tuner to stop after the round being measured (its records are committed, the database
     stays whole); a second Ctrl-C stops at once. A KeyboardInterrupt raised inside MetaSchedule's C++ threads
     can crash the process, so the first one only sets the event the measure callback polls."""
@@ -173,11 +192,11 @@ def _stop_on_ctrl_c():
 
     def handler(signum, frame):
         if stop.is_set():
-            print("edgeq: interrupted", file=sys.stderr, flush=True)
+            print("edgeq: interrupted", file=terminal, flush=True)
             os._exit(130)  # the database loses at most the line being written, repaired when next opened
         stop.set()
         print("\nedgeq: stopping after the current round of measurements (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
+              file=terminal, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -283,8 +302,10 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
         weights = [float(task.weight) for task, _ in pending]
         names = [t.task_name for t, _ in pending]
         callbacks = ms.measure_callback.MeasureCallback.create("default")
-        with _stop_on_ctrl_c() as stop, tqdm(total=remaining, disable=None if progress else True, unit="trial",
-                                             desc="tuning", leave=False) as bar:
+        log = directory / "metaschedule.log"
+        with _native_log(log) as terminal, _stop_on_ctrl_c(terminal) as stop, tqdm(
+                total=remaining, disable=None if progress else True, unit="trial", desc="tuning", leave=False,
+                file=terminal) as bar:
             callbacks = list(callbacks) + [_progress_callback(bar, names, stop)]
             try:
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(directory),
