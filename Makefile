@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeq-installed
-CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
+CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static
 
 .PHONY: demo test test-quick toolchains bench
 
@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/edgeq demo
 
-# Cross compilers for the Raspberry Pi presets come from Debian; installed when missing and we are root.
+# Cross compilers for the Raspberry Pi presets (and qemu, the emulated Pi) come from Debian; installed when
+# missing and we are root.
 toolchains:
-	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v arm-linux-gnueabihf-gcc >/dev/null; then \
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v arm-linux-gnueabihf-gcc >/dev/null \
+	    || ! command -v qemu-aarch64-static >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CROSS_PACKAGES) >/dev/null; \
 	  else echo "note: cross compilers missing; install them with: sudo apt-get install $(CROSS_PACKAGES)"; fi; \

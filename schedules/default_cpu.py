@@ -39,7 +39,7 @@ from tvm.tirx.analysis import undefined_vars
 
 from edgeq.errors import raise_if_interrupted
 
-from .dot_product import dot_intrins, is_integer_dot, schedule_dot_product
+from .dot_product import STACK_TILE_BYTES, dot_intrins, is_integer_dot, schedule_dot_product
 
 # ScheduleError and the other FFI errors (InternalError, ...) are RuntimeErrors.
 # TypeError: int() of a symbolic (dynamic-shape) extent.
@@ -289,18 +289,23 @@ def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
     vloop, lanes = _vector_loop(sch, block, loops, vector_bytes)
     outer, inner = list(spatial), []
     if vloop is not None:
+        dtype_bytes = sch.get(block).writes[0].source.dtype.bits // 8
         if int(sch.get(vloop).extent) % (2 * lanes) == 0:
             lanes *= 2  # two vectors per row: fewer loads per FMA
         _pack_constant_operands(sch, block, vloop, lanes)
         vo, vi = sch.split(vloop, [None, lanes])
         outer.remove(vloop)
-        outer.insert(0, vo)  # one weight slice stays in cache for all output rows
+        if _reduction_size(sch, block) > _MAX_INLINED_PAD_REDUCTION:
+            outer.insert(0, vo)  # one weight slice stays in cache for all output rows
+        else:
+            outer.append(vo)  # depthwise conv / pool: tiny weights; all channels of a pixel while its lines are hot
         inner.append(vi)
         rows = [lp for lp in spatial if not lp.same_as(vloop) and int(sch.get(lp).extent) > 1]
         if rows:
             row = rows[-1]
             extent = int(sch.get(row).extent)
-            factor = max(f for f in range(1, _MAX_UNROLL_TILE + 1) if extent % f == 0)
+            most = min(_MAX_UNROLL_TILE, (STACK_TILE_BYTES - 1) // (lanes * dtype_bytes))
+            factor = max(f for f in range(1, max(most, 1) + 1) if extent % f == 0)
             ro, ri = sch.split(row, [None, factor])
             outer[outer.index(row)] = ro
             inner.insert(0, ri)
@@ -309,7 +314,7 @@ def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
     if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
         sch.parallel(fused)
     if inner:
-        cache = sch.cache_write(block, 0, "local")
+        cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
         for consumer in sch.get_consumers(cache):
             try:
                 sch.reverse_compute_inline(consumer)

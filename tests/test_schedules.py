@@ -33,3 +33,30 @@ def test_convolutions_are_converted_to_nhwc():
     with target:
         mod = tvm.transform.Sequential(default_cpu_layout_passes(target))(model.mod)
     assert 'data_layout="NHWC"' in mod.script()
+
+
+def test_batch_norm_after_a_conv_is_folded_into_its_weights():
+    model = edgeq.load_onnx(zoo.ZOO["batchnorm"]())
+    script = pipeline.optimize(model.mod).script()
+    assert "R.nn.conv2d" in script
+    for op in ("batch_norm", "R.divide", "R.subtract", "R.multiply"):
+        assert op not in script, op
+
+
+def test_register_tiles_live_on_the_stack():
+    """A tile buffer TVM cannot put on the stack costs a TVMBackendAllocWorkspace call per tile (2x slower)."""
+    from edgeq.build import _modules
+
+    shape = [1, 32, 28, 28]  # big enough to be parallelised
+    models = {"conv": zoo._conv(32, 64, shape=shape), "depthwise": zoo._conv(32, 32, group=32, shape=shape),
+              "conv_bn": zoo._conv(32, 32, bn=True, shape=shape)}
+    for name, build in models.items():
+        model = edgeq.load_onnx(build())
+        target = host_target()
+        with target:
+            ex = tvm.compile(pipeline.optimize(model.mod), target, relax_pipeline=lowering_pipeline(target))
+        ir = "\n".join(m.inspect_source("ll") for m in _modules(ex.mod) if m.kind == "llvm")
+        lambdas = [f for f in ir.split("\ndefine ")[1:] if f.split("(", 1)[0].endswith("parallel_lambda")]
+        assert lambdas, name
+        for body in lambdas:
+            assert "AllocWorkspace" not in body, (name, body.split("(", 1)[0])

@@ -1,8 +1,8 @@
 """Tensor intrinsics for the integer dot products of int8 kernels; importing registers them.
 
-All of them compute ``C[lanes] (int32) += A[depth] (8-bit, broadcast) . B[lanes, depth] (int8)`` with the
-accumulator ``C`` in ``local`` scope: the default schedule keeps its register tile in a local cache,
-which TVM's own intrinsics (global ``C``) do not match.
+All of them compute ``C[lanes] (int32) += A[depth] (8-bit, broadcast) . B[lanes, depth] (int8)``; the
+default schedule keeps ``C`` in a small ``global`` tile buffer, which TVM puts on the stack (see
+``schedules.dot_product.STACK_TILE_BYTES``).
 """
 
 from tvm.script import tirx as T
@@ -15,7 +15,7 @@ def dot_product_desc(lanes: int, data_dtype: str, depth: int = 4):
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (depth,), data_dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, depth), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])

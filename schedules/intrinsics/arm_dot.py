@@ -3,7 +3,8 @@
 ``sdot`` needs +dotprod (Cortex-A76, Raspberry Pi 5).  Without it (Cortex-A72, Raspberry Pi 4) the
 same tile is two widening ``smull`` (8x8->16 bit) folded by ``saddlp`` / ``addp`` into int32, exact
 for all int8 inputs.  Both are TVM's implementations (``dot_4x4_i8i8s32_sdot`` / ``_neon``, which
-build with LLVM 22 as they are) with the accumulator in ``local`` scope.
+build with LLVM 22 as they are), registered here so that edgeq does not import all of
+``tvm.s_tir.tensor_intrin``.
 """
 
 from tvm.s_tir import TensorIntrin
@@ -19,7 +20,7 @@ NEON_4x4 = "edgeq_dot_4x4_i8i8s32_neon"
 def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
     B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
@@ -37,7 +38,7 @@ def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
     B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
-    C = T.match_buffer(c, (4,), "int32", offset_factor=1, scope="local")
+    C = T.match_buffer(c, (4,), "int32", offset_factor=1)
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
