@@ -273,6 +273,25 @@ def test_measured_cost_cache_is_written_once_and_reused(tmp_path):
     assert second.cost_before == pytest.approx(first.cost_before) and second.applied == first.applied
 
 
+def test_a_graphs_new_kernels_are_measured_in_one_compile(tmp_path, monkeypatch):
+    """prefetch measures every kernel a graph's cost needs in one compile; pricing it then measures nothing."""
+    import tvm
+
+    g = _graph(load_onnx(_onnx(lambda g: [g.op("Relu", g.conv("x", 4, 6, bias=False)),
+                                          g.op("Sigmoid", g.conv("x", 4, 8, k=1, pad=0, bias=False))], {"x": X})).mod)
+    import targets
+
+    model = CostModel(targets.tvm_target(targets.resolve("host")), measured=True, cache=tmp_path / "c.json")
+    compiles = []
+    real_compile = tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+    model.prefetch([g])
+    assert len(compiles) == 1 and model.measurements == len(model.groups(g)) == 2
+    assert all(ms > 0 for ms in model.table.values())
+    model(g)
+    assert len(compiles) == 1 and model.measurements == 2
+
+
 def test_cross_target_falls_back_to_analytic():
     mod = load_onnx(_onnx(_conv_act("Relu"), {"x": X})).mod
     _, report = substitute(mod, "rpi4", cost="measured", budget=5)

@@ -28,6 +28,7 @@ from .graph import STRUCTURAL, Graph, Node
 MACHINES = {"llvm": (8.0, 8.0, 3.0), "cuda": (2000.0, 200.0, 8.0)}
 VIEWS = ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")  # no data movement
 TIE_BREAK = 1e-3  # weight of the analytic cost added to a measured one
+BATCH = 24  # kernels measured per compile
 # ops FuseOps puts into the kernel of the op producing their input (elementwise / broadcast)
 ELEMENTWISE = ops.ELEMENTWISE_BINARY + tuple(ops.ACTIVATIONS) + ("relax.clip", "relax.nn.gelu", "relax.nn.silu",
                                                                  "relax.exp", "relax.sqrt", "relax.negative")
@@ -176,6 +177,32 @@ class CostModel:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def prefetch(self, graphs) -> None:
+        """Measure every kernel of `graphs` not in the cache yet, BATCH to a compile (what pricing the graphs
+        one by one would measure one compile each).  A batch TVM cannot build is left to group_cost, which
+        measures its kernels one by one and prices the ones that fail analytically."""
+        if not self.measured:
+            return
+        todo: dict[str, tuple[Graph, list[int]]] = {}
+        for g in graphs:
+            for group in self.groups(g):
+                group = [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]
+                if group and all(_measurable(g.nodes[nid]) for nid in group):
+                    key = group_signature(g, group, self.key)
+                    if key not in self.table:
+                        todo.setdefault(key, (g, group))
+        keys = list(todo)
+        for start in range(0, len(keys), BATCH):
+            chunk = keys[start:start + BATCH]
+            try:
+                times = measure_many([todo[k] for k in chunk], self.target)
+            except Exception:  # noqa: BLE001 - see group_cost
+                raise_if_interrupted()
+                continue
+            self.table.update(zip(chunk, times))
+            self.measurements += len(chunk)
+            self._save()
+
     def op_cost(self, g: Graph, nid: int) -> float:
         return self.group_cost(g, [nid])
 
@@ -204,6 +231,7 @@ class CostModel:
         return fusion_groups(g) if self.measured else [[nid] for nid in g.op_ids()]
 
     def __call__(self, g: Graph) -> float:
+        self.prefetch([g])
         self._dirty = False
         total = 0.0
         for group in self.groups(g):
@@ -228,10 +256,16 @@ def _measurable(node: Node) -> bool:
     return node.op.startswith(("relax.", "edgeq.")) and node.op not in ("relax.call_tir", "relax.call_packed")
 
 
-def measure(g: Graph, nids, target, repeat: int = 8) -> float:
-    """Best-of-`repeat` ms of the op (or fused group of ops, the last one the output) compiled alone
-    (constants as they are, inputs from outside the group as random parameters).
+def measure(g: Graph, nids, target, repeat: int = 6) -> float:
+    """Best-of-`repeat` ms of the op (or fused group of ops, the last one the output) compiled alone."""
+    return measure_many([(g, [nids] if isinstance(nids, int) else list(nids))], target, repeat)[0]
 
+
+def measure_many(kernels, target, repeat: int = 6) -> list[float]:
+    """Best-of-`repeat` ms of each (graph, group): every group a function of its own (constants as they are,
+    inputs from outside the group as random parameters), all compiled as one module and run by one VM.
+
+    One compile instead of one per kernel: TVM's fixed cost per compile and per VM dominated a cold search.
     The minimum, not the mean: on a shared machine interference only ever adds time.
     """
     import tvm
@@ -239,9 +273,29 @@ def measure(g: Graph, nids, target, repeat: int = 8) -> float:
 
     from schedules.lowering import lowering_pipeline
 
-    group = [nids] if isinstance(nids, int) else list(nids)
-    one = Graph(func_attrs=None)
     rng = np.random.default_rng(0)
+    functions, arg_types = {}, []
+    for k, (g, group) in enumerate(kernels):
+        function, types = _kernel_function(g, group)
+        functions[f"kernel{k}"] = function.with_attr("global_symbol", f"kernel{k}")
+        arg_types.append(types)
+    with target:
+        ex = tvm.compile(tvm.IRModule(functions), target, relax_pipeline=lowering_pipeline(target))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    times = []
+    for name, types in zip(functions, arg_types):
+        args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d), dev) for s, d in types]
+        timer = vm.time_evaluator(name, dev, number=1, repeat=repeat, min_repeat_ms=3)
+        times.append(float(np.min(timer(*args).results)) * 1e3)
+    return times
+
+
+def _kernel_function(g: Graph, group: list[int]):
+    """(Relax function computing `group` of `g`, (shape, dtype) of each of its parameters)."""
+    from tvm import relax
+
+    one = Graph(func_attrs=None)
     inside: dict[int, int] = {}
 
     def operand(i):
@@ -258,15 +312,7 @@ def measure(g: Graph, nids, target, repeat: int = 8) -> float:
     for nid in group:
         inside[nid] = one.add(g.nodes[nid].with_inputs([operand(i) for i in g.nodes[nid].inputs]))
     one.output = inside[group[-1]]
-    mod = tvm.IRModule({"main": one.to_relax()})
-    with target:
-        ex = tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target))
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(ex, dev)
-    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(d), dev)
-            for p in one.params for s, d in _types(one.nodes[p].ty)]
-    timer = vm.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=5)
-    return float(np.min(timer(*args).results)) * 1e3
+    return one.to_relax(), [t for p in one.params for t in _types(one.nodes[p].ty)]
 
 
 def can_measure(preset) -> bool:
@@ -276,4 +322,4 @@ def can_measure(preset) -> bool:
     return not preset.is_gpu and preset.arch == host_arch() and "android" not in str(preset.target.get("mtriple", ""))
 
 
-__all__ = ["CostModel", "analytic", "flops", "signature", "fusion_groups", "group_signature", "measure", "can_measure", "default_cache_path"]
+__all__ = ["CostModel", "analytic", "flops", "signature", "fusion_groups", "group_signature", "measure", "measure_many", "can_measure", "default_cache_path"]

@@ -37,17 +37,21 @@ def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) ->
         _, _, g, log = heapq.heappop(queue)
         expansions += 1
         raise_if_interrupted()  # a Ctrl-C inside TVM's type inference comes back as an error
+        candidates = []
         for rule in rules:
             for m in list(rule.matches(g)):
                 new = rule.apply(g, m)
                 h = new.hash()
-                if h in seen:
-                    continue
-                seen.add(h)
-                c = cost(new)
-                if c < alpha * best.cost:
-                    heapq.heappush(queue, (c, next(tie), new, log + [rule.name]))
-                if c < best.cost:
-                    best = SearchResult(new, c, log + [rule.name])
+                if h not in seen:
+                    seen.add(h)
+                    candidates.append((new, rule.name))
+        if hasattr(cost, "prefetch"):
+            cost.prefetch([new for new, _ in candidates])  # one compile for all their new kernels
+        for new, name in candidates:
+            c = cost(new)
+            if c < alpha * best.cost:
+                heapq.heappush(queue, (c, next(tie), new, log + [name]))
+            if c < best.cost:
+                best = SearchResult(new, c, log + [name])
     best.expansions, best.seen = expansions, len(seen)
     return best
