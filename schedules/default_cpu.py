@@ -358,13 +358,18 @@ def _pack_constant_operands(sch: Schedule, block, vloop, tile: int) -> None:
             or not any(v.same_as(ivar) for v in undefined_vars(read.region[-1].min))
         ):
             continue
-        packer = sch.cache_read(block, index, "global")
-        sch.transform_layout(
-            block,
-            ("read", index),
-            tirx.IndexMap.from_func(lambda *i: (i[-1] // tile, *i[:-1], i[-1] % tile), ndim=len(buf.shape)),
-        )
-        sch.annotate(packer, "meta_schedule.layout_rewrite_preproc", True)
+        index_map = tirx.IndexMap.from_func(lambda *i: (i[-1] // tile, *i[:-1], i[-1] % tile), ndim=len(buf.shape))
+        try:  # on a copy first: TVM cannot invert some maps (a depthwise weight read at a constant index)
+            _repack(sch.copy(), block, index, index_map)
+        except _ERRORS:
+            continue  # read as it is: still contiguous along the vector loop
+        _repack(sch, block, index, index_map)
+
+
+def _repack(sch: Schedule, block, index: int, index_map) -> None:
+    packer = sch.cache_read(block, index, "global")
+    sch.transform_layout(block, ("read", index), index_map)
+    sch.annotate(packer, "meta_schedule.layout_rewrite_preproc", True)
 
 
 def _vectorize_spatial(sch: Schedule, block, vector_bytes: int) -> None:

@@ -60,3 +60,21 @@ def test_register_tiles_live_on_the_stack():
         assert lambdas, name
         for body in lambdas:
             assert "AllocWorkspace" not in body, (name, body.split("(", 1)[0])
+
+
+def test_a_weight_tvm_cannot_repack_is_read_as_it_is():
+    """An int8 depthwise weight read at a constant index defeats TVM's index-map inverse: the kernel must
+    still be register-tiled and vectorized (it used to fall back to a scalar loop)."""
+    from tvm import te
+
+    from schedules import qkernels
+    from schedules.default_cpu import default_schedule_func
+
+    data, weight = te.placeholder((1, 28, 28, 32), "uint8"), te.placeholder((3, 3, 1, 32), "int8")
+    bias, multiplier, shift = (te.placeholder((32,), "int32") for _ in range(3))
+    out = qkernels.qconv2d(data, weight, bias, multiplier, shift, strides=(1, 1), padding=(1, 1, 1, 1),
+                           dilation=(1, 1), groups=32, input_zero_point=3, output_zero_point=0, out_min=0,
+                           out_max=255, out_dtype="uint8")
+    func = te.create_prim_func([data, weight, bias, multiplier, shift, out]).with_attr("layout_free_buffers", [1])
+    script = default_schedule_func(func, host_target()).script()
+    assert "T.vectorized(" in script and "T.unroll(" in script
