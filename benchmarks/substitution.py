@@ -230,11 +230,10 @@ def main() -> None:
              "A/A control", "folds only / without", "load avg", "cost est. ms", "ops", "search s (cold / warm)",
              "kernels measured", "rules applied", "outputs equal"], main_rows),
         "",
-        "Reading: the importer's BatchNormalization is decomposed to subtract/divide/multiply/add and TVM's "
-        "FuseOps already compiles conv → those → relu into one kernel, so the folds (conv_bn/scale/bias/act) "
-        "only remove epilogue arithmetic from kernels that exist either way: ~1.00× by construction. Gains "
-        "must come from the merges, which on this CPU trade two or three conv calls for one wider conv plus a "
-        "split copy.",
+        "Reading: the build's graph passes already fold BatchNormalization into the conv (relay_passes/pipeline.py) "
+        "and TVM's FuseOps compiles conv → bias → relu into one kernel, so the folds (conv_bias/act) only "
+        "rename kernels that exist either way: ~1.00× by construction. Gains must come from the merges, which "
+        "on this CPU trade two or three conv calls for one wider conv plus a split copy.",
         "",
         "## α × budget sweep (measured cost model, cache shared with the row above: no re-measuring)",
         "",

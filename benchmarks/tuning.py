@@ -107,8 +107,8 @@ def main() -> None:
         "+ fresh tuning = shipped plus a new MetaSchedule run (XGBoost cost model, gradient task scheduler, "
         f"{args.trials} trials per model and precision, {args.per_iteration} per round; none when 0); tuned = "
         "+ fresh tuning when run, else + shipped. A tuned schedule is only used where it measured faster than the default. "
-        "ORT int8 = quantize_static QDQ (see int8.py). The shipped records' budget and time: zoo_tuning.txt; "
-        "tuning curves (fresh runs only): tuning_curves.png.",
+        "ORT int8 = quantize_static QDQ (see int8.py). The shipped records' budget and time: zoo_tuning-<preset>.txt; "
+        "tuning curves: tuning_curves.png (fresh runs), tuning_curves-<preset>.png (the shipped records).",
         "",
         table,
         "",

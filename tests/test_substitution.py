@@ -292,6 +292,16 @@ def test_a_graphs_new_kernels_are_measured_in_one_compile(tmp_path, monkeypatch)
     assert len(compiles) == 1 and model.measurements == 2
 
 
+def test_parts_that_recombine_worse_than_the_folds_give_the_folds(monkeypatch):
+    """Parts searched alone can recombine into a graph the whole-graph cost prices above the folds alone."""
+    import relay_passes.substitution as pkg
+
+    mod = load_onnx(_onnx(_conv_act("Relu"), {"x": X})).mod
+    monkeypatch.setattr(pkg, "split_search", lambda graph, rules, run, threshold: (graph, ["merge_convs"], 2))
+    new, report = substitute(mod, cost="analytic", budget=5)
+    assert report.applied == ["conv_act"] and report.cost_after < report.cost_before and report.verified
+
+
 def test_cross_target_falls_back_to_analytic():
     mod = load_onnx(_onnx(_conv_act("Relu"), {"x": X})).mod
     _, report = substitute(mod, "rpi4", cost="measured", budget=5)

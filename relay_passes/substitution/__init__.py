@@ -126,7 +126,12 @@ def substitute(mod, target=None, *, alpha: float = 1.05, budget: int = 300, cost
         return found.graph, folded + found.applied
 
     best, report.applied, report.parts = split_search(graph, rules, run, split_threshold)
-    report.cost_after, report.ops_after = model(best), len(best.op_ids())
+    report.cost_after = model(best)
+    if report.parts > 1:  # parts searched alone can recombine into kernels priced higher as a whole
+        folded, folds = rule_table.simplify(graph, rules)
+        if (folded_cost := model(folded)) < report.cost_after:
+            best, report.applied, report.cost_after = folded, folds, folded_cost
+    report.ops_after = len(best.op_ids())
     # nothing gained: keep the module as it was. The folds are kept even when the measurement of the kernel
     # they leave came out no faster: it is the same fused kernel minus epilogue work, and a tie is noise.
     if report.cost_after >= report.cost_before and not set(report.applied) & set(rule_table.SIMPLIFY):
