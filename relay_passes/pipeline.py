@@ -9,6 +9,7 @@ from __future__ import annotations
 from tvm import relax, transform
 
 from .clip_ops import clip_to_ops
+from .fold_constants import fold_constants
 
 
 def inference_passes() -> list[transform.Pass]:
@@ -22,6 +23,7 @@ def inference_passes() -> list[transform.Pass]:
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
+        fold_constants,  # numpy: the BN and Clip-bound arithmetic, without an LLVM build per op
         relax.transform.FoldConstant(),
         clip_to_ops,
         relax.transform.DeadCodeElimination(),

@@ -38,6 +38,7 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
 from edgeq.errors import raise_if_interrupted
+from relay_passes.fold_constants import fold_constants
 
 from .dot_product import STACK_TILE_BYTES, dot_intrins, is_integer_dot, schedule_dot_product
 
@@ -55,14 +56,15 @@ def default_cpu_layout_passes(target: tvm.target.Target) -> list:  # pylint: dis
 
     Convolutions become NHWC data / HWIO kernels (output channels innermost and
     contiguous in both the kernel and the output), pools follow.  The weight
-    transposes are constant-folded by the ``FoldConstant`` in the legalize
-    passes.  ``CanonicalizeBindings`` first removes the ``(y, mean, var)[0]``
+    transposes are constant-folded in numpy (relay_passes.fold_constants), not
+    by one LLVM build each.  ``CanonicalizeBindings`` first removes the ``(y, mean, var)[0]``
     tuples left by the ONNX BatchNormalization importer, which otherwise stop
     FuseOps from fusing the activation into the convolution.
     """
     return [
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}),
+        fold_constants,
     ]
 
 
