@@ -5,7 +5,8 @@ a time (~15-25 ms each).  An imported model has hundreds: each BatchNormalizatio
 chain, the Clip importer's isnan/where on its bounds, the reshape of every conv bias, the weight transposes
 of the NHWC conversion (MobileNetV2: 14 s of a 27 s build).  The elementwise and layout ops among them are
 evaluated here with numpy (IEEE float32 like the compiled code, so the constants are the same); whatever is
-left goes to FoldConstant as before.
+left goes to FoldConstant as before.  The default schedule's compile-time weight repacks (``call_tir`` of a
+scheduled PrimFunc on a constant) are evaluated by :func:`fold_constant_tir_calls` in one LLVM build.
 """
 
 from __future__ import annotations
@@ -101,4 +102,63 @@ def fold_constants(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             folded[gvar] = _NumpyFolder(mod).visit_expr(func)
+    return folded
+
+
+@relax.expr_functor.mutator
+class _ConstantCalls(relax.PyExprMutator):
+    """Replaces each ``call_tir`` on constants with its precomputed value (``values``: binding var -> array)."""
+
+    def __init__(self, mod, values):
+        super().__init__(mod)
+        self.values = values
+
+    def visit_var_binding_(self, binding):
+        value = self.values.get(binding.var)
+        if value is None:
+            super().visit_var_binding_(binding)
+            return
+        const = relax.const(value, str(value.dtype))
+        self.set_var_remap(binding.var, self.builder_.emit(const, binding.var.name))
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _constant_tir_calls(func: relax.Function) -> list:
+    """(binding var, PrimFunc global var, argument arrays, output type) of each call_tir on constants only."""
+    found = []
+    for block in getattr(func.body, "blocks", []):
+        for binding in block.bindings:
+            call = getattr(binding, "value", None)
+            if not isinstance(call, relax.Call) or not call.op.same_as(_CALL_TIR):
+                continue
+            args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+            ty = call.ty
+            if (len(call.args) == 2 and args and all(isinstance(a, Constant) and hasattr(a.value, "numpy") for a in args)
+                    and isinstance(ty, relax.TensorType) and ty.shape is not None):
+                found.append((binding.var, call.args[0], [a.value.numpy() for a in args], ty))
+    return found
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldConstantTIRCalls")
+def fold_constant_tir_calls(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Evaluate every ``call_tir`` whose arguments are all constants (the weight repacks of the default
+    schedule) with ONE LLVM build of their PrimFuncs on the build machine; FoldConstant builds each alone."""
+    work = {gvar: _constant_tir_calls(func) for gvar, func in mod.functions.items() if isinstance(func, relax.Function)}
+    prims = {callee.name_hint: mod[callee] for calls in work.values() for _, callee, _, _ in calls}
+    if not prims:
+        return mod
+    lib = tvm.tirx.build(tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in prims.items()}),
+                         target=tvm.target.Target({"kind": "llvm"}))
+    dev = tvm.cpu()
+    folded = mod.clone()
+    for gvar, calls in work.items():
+        values = {}
+        for var, callee, args, ty in calls:
+            out = tvm.runtime.empty([int(d) for d in ty.shape.values], str(ty.dtype), dev)
+            lib[callee.name_hint](*[tvm.runtime.tensor(a, dev) for a in args], out)
+            values[var] = out.numpy()
+        if values:
+            folded[gvar] = _ConstantCalls(mod, values).visit_expr(mod[gvar])
     return folded

@@ -38,7 +38,7 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
 from edgeq.errors import raise_if_interrupted
-from relay_passes.fold_constants import fold_constants
+from relay_passes.fold_constants import fold_constant_tir_calls, fold_constants
 
 from .dot_product import STACK_TILE_BYTES, dot_intrins, is_integer_dot, schedule_dot_product
 
@@ -97,7 +97,8 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
         [
             _schedule,
             relax.transform.SplitLayoutRewritePreproc(),  # repacking -> separate call_tir
-            relax.transform.FoldConstant(),  # ... evaluated at compile time
+            fold_constant_tir_calls,  # ... evaluated at compile time, all in one LLVM build
+            relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(),
         ],
         name="DefaultCPUSchedule",

@@ -33,3 +33,23 @@ def test_folds_everything_it_knows_and_leaves_the_input_module_alone():
     script = folded["main"].script()
     for op in ("R.sqrt", "R.divide", "R.reshape", "R.multiply"):
         assert op not in script, op
+
+
+def test_weight_repacks_are_evaluated_in_one_build_like_fold_constant():
+    """The default schedule's compile-time weight repacks (call_tir on constants), all in one LLVM build."""
+    import targets
+    from relay_passes import pipeline
+    from relay_passes.fold_constants import _constant_tir_calls, fold_constant_tir_calls
+    from schedules.default_cpu import default_cpu_schedule
+    from schedules.lowering import pre_schedule
+
+    target = targets.tvm_target(targets.resolve("host"))
+    mod = pre_schedule(pipeline.optimize(edgeq.load_onnx(zoo._conv(32, 64, shape=[1, 32, 14, 14])()).mod), target)
+    passes = default_cpu_schedule(target).passes
+    schedule_only, split, dce = passes[0], passes[1], passes[-1]  # schedule, split out the repacks, ..., DCE
+    with target:
+        split_mod = split(schedule_only(mod))
+    assert len(_constant_tir_calls(split_mod["main"])) >= 1  # the conv weight's repack
+    ours = dce(relax.transform.FoldConstant()(fold_constant_tir_calls(split_mod)))["main"]
+    theirs = dce(relax.transform.FoldConstant()(split_mod))["main"]
+    assert tvm_ffi.structural_equal(ours, theirs, map_free_vars=True)
