@@ -142,15 +142,19 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path):
 
     from edgeq import zoo
 
+    # int8: calibration + two compiles (~17 s here), so the signal lands well inside the work
     onnx.save(zoo.mobilenet_v2(), tmp_path / "mbv2.onnx")
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((16, 3, 224, 224), np.float32))
     proc = subprocess.Popen([sys.executable, "-m", "edgeq.cli", "compile", str(tmp_path / "mbv2.onnx"),
-                             "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+                             "--quantize", "int8", "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out")],
+                            stderr=subprocess.PIPE, text=True)
     time.sleep(8)
     assert proc.poll() is None, "compile finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().endswith("edgeq: interrupted")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mbv2.onnx"]
+    # TVM's C++ may still log a warning while objects are torn down after edgeq's message
+    assert proc.returncode == 130 and "edgeq: interrupted" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "mbv2.onnx"]
 
 
 def test_ctrl_c_inside_a_tvm_pass_stays_an_interrupt():
