@@ -179,18 +179,18 @@ class CostModel:
 
     def prefetch(self, graphs) -> None:
         """Measure every kernel of `graphs` not in the cache yet, BATCH to a compile (what pricing the graphs
-        one by one would measure one compile each).  A batch TVM cannot build is left to group_cost, which
-        measures its kernels one by one and prices the ones that fail analytically."""
-        if not self.measured:
-            return
+        one by one would measure one compile each)."""
+        self._measure([(g, group) for g in graphs for group in self.groups(g)])
+
+    def _measure(self, kernels) -> None:
+        """Measure the (graph, group) kernels whose cache key is not in the table, BATCH to a compile.  A batch
+        TVM cannot build is left to group_cost, which measures its kernels one by one and prices the ones that
+        fail analytically."""
         todo: dict[str, tuple[Graph, list[int]]] = {}
-        for g in graphs:
-            for group in self.groups(g):
-                group = [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]
-                if group and all(_measurable(g.nodes[nid]) for nid in group):
-                    key = group_signature(g, group, self.key)
-                    if key not in self.table:
-                        todo.setdefault(key, (g, group))
+        for g, group in kernels:
+            key = self._measured_key(g, group)
+            if key is not None and key not in self.table:
+                todo.setdefault(key, (g, [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]))
         keys = list(todo)
         for start in range(0, len(keys), BATCH):
             chunk = keys[start:start + BATCH]
@@ -203,6 +203,13 @@ class CostModel:
             self.measurements += len(chunk)
             self._save()
 
+    def _measured_key(self, g: Graph, group: list[int]) -> str | None:
+        """The cache key of a kernel this model measures; None when it is priced analytically (or is empty)."""
+        group = [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]
+        if not group or not self.measured or not all(_measurable(g.nodes[nid]) for nid in group):
+            return None
+        return group_signature(g, group, self.key)
+
     def op_cost(self, g: Graph, nid: int) -> float:
         return self.group_cost(g, [nid])
 
@@ -210,12 +217,10 @@ class CostModel:
         """Measured ms of the kernel `group` (fusion_groups) compiles to, plus the tie-breaker; analytic sum
         of its ops when it cannot be measured."""
         group = [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]
-        if not group:
-            return 0.0
         estimate = sum(analytic(g, g.nodes[nid], self.kind) for nid in group)
-        if not self.measured or not all(_measurable(g.nodes[nid]) for nid in group):
+        key = self._measured_key(g, group)
+        if key is None:
             return estimate
-        key = group_signature(g, group, self.key)
         if key not in self.table:
             try:
                 self.table[key] = measure(g, group, self.target)
@@ -231,13 +236,15 @@ class CostModel:
         return fusion_groups(g) if self.measured else [[nid] for nid in g.op_ids()]
 
     def __call__(self, g: Graph) -> float:
-        self.prefetch([g])
         self._dirty = False
-        total = 0.0
+        keyed = []
         for group in self.groups(g):
             pos = {nid: k for k, nid in enumerate(group)}
-            key = repr([(g.nodes[n].digest(), [("group", pos[i]) if i in pos else self._shape_key(g, i)
-                                               for i in g.nodes[n].inputs]) for n in group])
+            keyed.append((repr([(g.nodes[n].digest(), [("group", pos[i]) if i in pos else self._shape_key(g, i)
+                                                      for i in g.nodes[n].inputs]) for n in group]), group))
+        self._measure([(g, group) for key, group in keyed if key not in self._memo])  # one compile for the new ones
+        total = 0.0
+        for key, group in keyed:
             if key not in self._memo:
                 self._memo[key] = self.group_cost(g, group)
             total += self._memo[key]
