@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 internal err
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -541,14 +542,18 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup at exit
-        print("edgeq: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # a bug in edgeq or TVM: say so, keep the traceback behind --verbose
         if args.verbose:
             traceback.print_exc()
         print(f"edgeq: internal error: {type(e).__name__}: {one_line(e)} (rerun with --verbose for the traceback)",
               file=sys.stderr)
         return 1
+    # Interrupted.  Said only now that the handler has dropped the traceback: the half-built TVM objects its
+    # frames held are gone, and TVM's warnings about them ("BlockBuilder destroyed with remaining blocks")
+    # come before this line instead of after it.
+    gc.collect()
+    print("edgeq: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -152,8 +152,7 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(tmp_path):
     assert proc.poll() is None, "compile finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    # TVM's C++ may still log a warning while objects are torn down after edgeq's message
-    assert proc.returncode == 130 and "edgeq: interrupted" in err and "Traceback" not in err, err
+    assert proc.returncode == 130 and err.strip().endswith("edgeq: interrupted"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "mbv2.onnx"]
 
 
