@@ -111,10 +111,14 @@ def _save_state(state: dict) -> None:
 
 
 def _alive(pid: int, mark: bytes) -> bool:
-    """Running (not a zombie) and still the process we started, not a recycled pid."""
+    """Running (not a zombie) and still the process we started, not a recycled pid.
+
+    A child of this interpreter is asked directly: its pid cannot be recycled before we reap it, and right after
+    the start qemu's /proc/PID/cmdline does not always show the mark yet (a just-started board was reported dead
+    while its log said it was listening)."""
     child = _children.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
+    if child is not None:
+        return child.poll() is None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
