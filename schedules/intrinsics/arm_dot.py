@@ -2,9 +2,10 @@
 
 ``sdot`` needs +dotprod (Cortex-A76, Raspberry Pi 5).  Without it (Cortex-A72, Raspberry Pi 4) the
 same tile is two widening ``smull`` (8x8->16 bit) folded by ``saddlp`` / ``addp`` into int32, exact
-for all int8 inputs.  Both are TVM's implementations (``dot_4x4_i8i8s32_sdot`` / ``_neon``, which
-build with LLVM 22 as they are), registered here so that edgeq does not import all of
-``tvm.s_tir.tensor_intrin``.
+for all int8 inputs.  Both compute what TVM's ``dot_4x4_i8i8s32_sdot`` / ``_neon`` do, registered here so
+that edgeq does not import all of ``tvm.s_tir.tensor_intrin``, and written as single expressions: TVMScript
+turns a named intermediate into a one-element ``local`` buffer, which TVM 0.27 allocates with
+``TVMBackendAllocWorkspace`` at every use of the intrinsic (see ``schedules.dot_product.STACK_TILE_BYTES``).
 """
 
 from tvm.s_tir import TensorIntrin
@@ -24,11 +25,10 @@ def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
-        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
         C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
             C.vload([0], dtype="int32x4"),
-            T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16"),
             B.vload([0, 0], dtype="int8x16"),
             dtype="int32x4",
         )
@@ -42,21 +42,26 @@ def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
-        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        vec_a = T.reinterpret(T.broadcast(a_i32, 2), dtype="int8x8")  # a0..a3 a0..a3
-        vec_b = B.vload([0, 0], dtype="int8x16")  # rows o0, o1 | o2, o3
-        low = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-            vec_a, T.vectorlow(vec_b, dtype="int8x8"), dtype="int16x8")
-        high = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-            vec_a, T.vectorhigh(vec_b, dtype="int8x8"), dtype="int16x8")
+        # saddlp + addp of the widening products of a0..a3 a0..a3 with rows o0, o1 (low half of B) and
+        # o2, o3 (high half); written as one expression: a named intermediate would become a local buffer
         C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                                    low, dtype="int32x4"),
-            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                                    high, dtype="int32x4"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2),
+                                  dtype="int8x8"),
+                    T.vectorlow(B.vload([0, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
+                dtype="int32x4"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2),
+                                  dtype="int8x8"),
+                    T.vectorhigh(B.vload([0, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
+                dtype="int32x4"),
             dtype="int32x4",
         )
 
