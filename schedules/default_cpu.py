@@ -40,6 +40,7 @@ from tvm.tirx.analysis import undefined_vars
 from edgeq.errors import raise_if_interrupted
 from relay_passes.fold_constants import fold_constant_tir_calls, fold_constants
 
+from .depthwise_dot import is_depthwise_dot, schedule_depthwise_dot
 from .dot_product import STACK_TILE_BYTES, dot_intrins, is_integer_dot, schedule_dot_product
 
 # ScheduleError and the other FFI errors (InternalError, ...) are RuntimeErrors.
@@ -140,6 +141,8 @@ def _schedule_func(func: tirx.PrimFunc, vector_bytes: int, intrins=()) -> Schedu
                 attempts = [lambda s, b, f=schedule_block: f(s, b, vector_bytes)]
                 if reduction and intrins and is_integer_dot(sch, block):
                     attempts.insert(0, lambda s, b: schedule_dot_product(s, b, intrins))
+                if reduction and intrins and is_depthwise_dot(sch, block):
+                    attempts.insert(0, lambda s, b: schedule_depthwise_dot(s, b, intrins))
                 sch = _guarded(sch, name, *attempts)
     return sch
 
@@ -184,15 +187,15 @@ def _inline_injective(sch: Schedule) -> None:
     while a separate, vectorised padding pass is amortised over the reduction
     (measured -20% on ResNet-18).  Padding of depthwise convs/pools (small
     reductions) is still inlined.  No producer (padding, transpose, quantize) of
-    an integer dot product is inlined: the dot-product instructions read their
-    8-bit operand from a contiguous buffer.
+    an integer dot product (dense, or depthwise in VNNI form) is inlined: the
+    dot-product instructions read their 8-bit operand from a buffer.
     """
     for name in _root_block_names(sch):
         block = sch.get_sblock(name)
         consumers = sch.get_consumers(block)
         if _is_reduction(sch, block) or len(consumers) != 1:
             continue
-        if is_integer_dot(sch, consumers[0]):
+        if is_integer_dot(sch, consumers[0]) or is_depthwise_dot(sch, consumers[0]):
             continue
         if _is_padding(sch, block) and _reduction_size(sch, consumers[0]) > _MAX_INLINED_PAD_REDUCTION:
             continue

@@ -13,7 +13,7 @@ from tvm import relax, topi
 
 import targets
 from relay_passes.quantize import scheme
-from schedules import qkernels
+from schedules import depthwise_dot, qkernels
 from schedules.lowering import lowering_pipeline
 
 
@@ -242,6 +242,35 @@ def test_host_conv_uses_vnni_and_pmuldq():
 def test_host_depthwise_is_vectorized():
     asm = _conv_asm("host", "uint8", in_channels=32, out_channels=32, groups=32)
     assert re.search(r"\bvpmullw\b|\bvpmaddwd\b|\bvpdpwssd\b", asm)
+
+
+@pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kernel, stride, shape", [(3, 1, (1, 14, 14, 32)), (3, 2, (1, 15, 15, 48)),
+                                                    (5, 1, (1, 9, 9, 16))])
+def test_depthwise_with_rows_padded_to_four_runs_on_vnni(kernel, stride, shape):
+    """Realize pads a depthwise kernel with zero rows to a multiple of 4 and the input with as many more bottom
+    rows (same output): the conv then reduces 4 kernel rows per vpdpbusd, bit-exact."""
+    rng = np.random.default_rng(kernel * 10 + stride)
+    data, consts, attrs = conv_case(rng, shape, shape[3], kernel, groups=shape[3], stride=stride, zout=5,
+                                    clamp=(5, 200))
+    expected = qkernels.reference_qconv2d(data, *consts, **attrs)
+    weight, *epilogue = consts
+    extra = -kernel % depthwise_dot.depthwise_rows(target_of("host"), shape[3], 1, "uint8")
+    assert extra == 4 - kernel % 4
+    top, left, bottom, right = attrs["padding"]
+    padded = np.concatenate([weight, np.zeros((extra,) + weight.shape[1:], weight.dtype)])
+    ex = build(qkernels.qconv2d, [data], (padded, *epilogue), **dict(attrs, padding=(top, left, bottom + extra, right)))
+    np.testing.assert_array_equal(run(ex, data), expected)
+    assert "vpdpbusd" in llvm_assembly(ex)
+
+
+@pytest.mark.parametrize("target, channels, dilation, dtype, rows", [
+    ("host", 32, 1, "uint8", None), ("host", 24, 1, "uint8", 1), ("host", 32, 2, "uint8", 1),
+    ("host", 32, 1, "int8", 1), ("rpi5", 32, 1, "int8", 1), ("rpi4", 32, 1, "uint8", 1)])
+def test_depthwise_rows_only_where_the_vnni_depthwise_kernel_applies(target, channels, dilation, dtype, rows):
+    if rows is None:
+        rows = 4 if _host_has("avx512vnni") else 1
+    assert depthwise_dot.depthwise_rows(target_of(target), channels, dilation, dtype) == rows
 
 
 def test_rpi5_conv_uses_sdot():
