@@ -164,7 +164,7 @@ def _conv2d_acc(data, weight_planes, *, activation_bits, weight_bits, strides, p
 
 def bitserial_qconv2d(data, weight_planes, bias, multiplier, shift, *, activation_bits, weight_bits, strides=(1, 1),
                       padding=(0, 0, 0, 0), dilation=(1, 1), encoding="sawb", input_zero_point=0, output_zero_point=0,
-                      out_min=0, out_max=255, out_dtype="uint8"):
+                      out_min=0, out_max=255, out_dtype="uint8", high_word=False):
     """Bit-serial conv2d + requantize: saturate(requantize(acc + bias, M, s) + zo), NHWC [N, OH, OW, O].
 
     bias / multiplier / shift are int32 [O] (qkernels' epilogue; as there, the bias holds the zero-point term
@@ -176,7 +176,8 @@ def bitserial_qconv2d(data, weight_planes, bias, multiplier, shift, *, activatio
                              input_zero_point=input_zero_point)
     oh, ow = shape[1], shape[2]
     return qkernels._channel_epilogue(lambda b, y, x, o: acc((b * oh + y) * ow + x, o), shape, bias, multiplier,
-                                      shift, output_zero_point, out_min, out_max, out_dtype, "bitserial_qconv2d")
+                                      shift, output_zero_point, out_min, out_max, out_dtype, "bitserial_qconv2d",
+                                      high_word)
 
 
 def bitserial_dense(data, weight_planes, *, activation_bits, weight_bits, encoding="sawb"):
@@ -217,14 +218,15 @@ def _dense_acc(planes, weight_planes, activation_bits, weight_bits, encoding):
 
 
 def bitserial_qdense(data, weight_planes, bias, multiplier, shift, *, activation_bits, weight_bits, encoding="sawb",
-                     input_zero_point=0, output_zero_point=0, out_min=0, out_max=255, out_dtype="uint8"):
+                     input_zero_point=0, output_zero_point=0, out_min=0, out_max=255, out_dtype="uint8",
+                     high_word=False):
     """Bit-serial dense + requantize epilogue (as bitserial_qconv2d), [M, N]; as in qkernels.qdense the input zero
     point is already folded into the bias (-zp * sum(w)), so it is accepted for a uniform signature only."""
     del input_zero_point
     acc = _dense(data, weight_planes, activation_bits, weight_bits, encoding)
     shape = (int(data.shape[0]), int(weight_planes.shape[2]))
     return qkernels._channel_epilogue(acc, shape, bias, multiplier, shift, output_zero_point, out_min, out_max,
-                                      out_dtype, "bitserial_qdense")
+                                      out_dtype, "bitserial_qdense", high_word)
 
 
 # ---------------------------------------------------------------------------------------------- weights and targets

@@ -4,6 +4,9 @@ Every kernel ends with the same epilogue, the arithmetic of ``relay_passes.quant
 ``saturate(requantize(acc, M, s) + zero_point_out, out_min, out_max)``, where requantize is the
 32x32->64 widening multiply ``(int64(acc) * int64(M) + 2^(s-1)) >> s``.  The product is written as a
 multiply of two sign-extended int32 values so LLVM emits vpmuldq / smull instead of a 64x64 multiply.
+When every shift is in 33..62 (``high_word=True``, nearly all layers) the same result is computed in 32-bit
+lanes from the high word of the product (``scheme.requantize_high_word``): no 64-bit lanes to widen to and
+narrow from.
 
 Convolution and dense keep the accumulation (``int32(a) * int32(w)`` summed into int32) in its own
 block, in exactly the form of the dot-product tensor intrinsics, so ``schedules.dot_product`` can
@@ -29,6 +32,20 @@ def _requantize(acc, multiplier, shift, bias=None):
     rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
     product = tirx.Cast("int64", acc) * tirx.Cast("int64", multiplier)
     return tirx.Cast("int32", (product + rounding) >> shift64)
+
+
+def _requantize_high_word(acc, multiplier, shift, bias=None):
+    """_requantize for shifts 33 <= s <= 62 (scheme.requantize_high_word): int32 but for the high word of one
+    32x32-bit product, which LLVM emits as a vector multiply-high (x86: vpmuldq on even and odd lanes).
+
+    The shift is clamped to that range: TVM's simplifier folded an unbounded ``x >> (s - 32)`` to a constant.
+    """
+    if bias is not None:
+        acc = _add_i32(acc, bias)
+    high = tirx.Cast("int32", (tirx.Cast("int64", acc) * tirx.Cast("int64", multiplier)) >> tirx.const(32, "int64"))
+    lowest, highest = scheme.HIGH_WORD_SHIFTS  # 33, 62
+    shift = tirx.max(tirx.min(shift, tirx.const(highest, "int32")), tirx.const(lowest, "int32"))
+    return (high + (tirx.const(1, "int32") << (shift - 33))) >> (shift - 32)
 
 
 def _add_i32(a, b):
@@ -74,7 +91,7 @@ def _out_size(size, kernel, stride, dilation, before, after):
 
 # ---------------------------------------------------------------------------------------------- kernels
 def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups, input_zero_point,
-            output_zero_point, out_min, out_max, out_dtype):
+            output_zero_point, out_min, out_max, out_dtype, high_word=False):
     """Quantized NHWC conv2d: data [N,H,W,C] u8/s8, weight [KH,KW,C//groups,O] s8 (HWIO), bias/M/s [O] int32.
 
     ``padding`` is (top, left, bottom, right); the data is padded with ``input_zero_point`` (real 0.0).
@@ -112,7 +129,7 @@ def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation
             name="qconv2d_acc",
         )
         return _channel_epilogue(acc, acc.shape, bias, multiplier, shift, output_zero_point, out_min, out_max,
-                                 out_dtype, "qconv2d")
+                                 out_dtype, "qconv2d", high_word)
     # Dense and grouped convolutions accumulate over flattened output pixels [N*OH*OW, O]: the register
     # tile of the schedule then spans rows of the image, so any image width tiles well.
     per_group = out_channels // groups
@@ -126,11 +143,11 @@ def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation
         name="qconv2d_acc",
     )
     return _channel_epilogue(lambda b, y, x, o: acc[(b * oh + y) * ow + x, o], (n, oh, ow, out_channels), bias,
-                             multiplier, shift, output_zero_point, out_min, out_max, out_dtype, "qconv2d")
+                             multiplier, shift, output_zero_point, out_min, out_max, out_dtype, "qconv2d", high_word)
 
 
 def qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min, out_max,
-           out_dtype):
+           out_dtype, high_word=False):
     """Quantized dense: data [M,K] u8/s8, weight [K,N] s8, bias/M/s [N] int32 (bias includes -zin*sum(w))."""
     del input_zero_point  # folded into the bias by the caller; kept for a uniform signature
     rows, depth = (int(d) for d in data.shape)
@@ -142,15 +159,18 @@ def qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_ze
         name="qdense_acc",
     )
     return _channel_epilogue(acc, acc.shape, bias, multiplier, shift, output_zero_point, out_min, out_max, out_dtype,
-                             "qdense")
+                             "qdense", high_word)
 
 
-def _channel_epilogue(acc, shape, bias, multiplier, shift, zero_point, out_min, out_max, out_dtype, name):
-    """Per-output-channel (last axis) bias, requantize, zero point, clamp of ``acc(*index)`` over ``shape``."""
+def _channel_epilogue(acc, shape, bias, multiplier, shift, zero_point, out_min, out_max, out_dtype, name,
+                      high_word=False):
+    """Per-output-channel (last axis) bias, requantize, zero point, clamp of ``acc(*index)`` over ``shape``;
+    ``high_word``: every shift is in scheme.HIGH_WORD_SHIFTS (scheme.uses_high_word), requantize in 32 bits."""
 
     def epilogue(*idx):
         c = idx[-1]
-        value = _requantize(acc(*idx), multiplier[c], shift[c], bias[c]) + tirx.const(int(zero_point), "int32")
+        requantize = _requantize_high_word if high_word else _requantize
+        value = requantize(acc(*idx), multiplier[c], shift[c], bias[c]) + tirx.const(int(zero_point), "int32")
         return _saturate(value, out_dtype, out_min, out_max)
 
     return te.compute(shape, epilogue, name=name)
@@ -272,8 +292,9 @@ def _np_windows(x, kh, kw, strides, dilation, oh, ow):
 
 
 def reference_qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups,
-                      input_zero_point, output_zero_point, out_min, out_max, out_dtype):
-    """numpy int64 version of qconv2d, straight from the formula."""
+                      input_zero_point, output_zero_point, out_min, out_max, out_dtype, high_word=False):
+    """numpy int64 version of qconv2d, straight from the formula (which ``high_word`` does not change)."""
+    del high_word
     kh, kw, group_channels, out_channels = weight.shape
     padded = _np_pad(np.asarray(data, np.int64), padding, input_zero_point)
     oh = _out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
@@ -291,9 +312,9 @@ def reference_qconv2d(data, weight, bias, multiplier, shift, *, strides, padding
 
 
 def reference_qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min,
-                     out_max, out_dtype):
-    """numpy int64 version of qdense."""
-    del input_zero_point
+                     out_max, out_dtype, high_word=False):
+    """numpy int64 version of qdense (``high_word`` does not change the result)."""
+    del input_zero_point, high_word
     acc = np.asarray(data, np.int64) @ np.asarray(weight, np.int64) + np.asarray(bias, np.int64)
     out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
     return scheme.saturate(out, out_dtype, out_min, out_max)

@@ -61,7 +61,7 @@ def conv_case(rng, shape, out_channels, kernel, *, stride=1, padding=None, dilat
     weight = rng.integers(-127, 128, size=(kh, kw, shape[3] // groups, out_channels)).astype("int8")
     consts = (weight, *channel_params(rng, out_channels, kh * kw * shape[3] // groups))
     lo, hi = clamp or scheme.DTYPE_RANGES[out_dtype]
-    attrs = dict(strides=(stride, stride), padding=padding if padding is not None else (kh // 2, kw // 2) * 2,
+    attrs = dict(high_word=scheme.uses_high_word(consts[3]), strides=(stride, stride), padding=padding if padding is not None else (kh // 2, kw // 2) * 2,
                  dilation=(dilation, dilation), groups=groups, input_zero_point=zin, output_zero_point=zout,
                  out_min=lo, out_max=hi, out_dtype=out_dtype)
     return data, consts, attrs
@@ -95,6 +95,23 @@ def test_qconv2d_matches_numpy(case):
     data, consts, attrs = conv_case(rng, **CONVS[case])
     expected = qkernels.reference_qconv2d(data, *consts, **attrs)
     assert len(np.unique(expected)) > 10, "test data saturates"
+    assert attrs["high_word"]  # as realize builds them: shifts 33..62
+    np.testing.assert_array_equal(run(build(qkernels.qconv2d, [data], consts, **attrs), data), expected)
+
+
+@pytest.mark.parametrize("real", [0.3, 0.9])  # shifts 32, 31
+def test_qconv2d_with_shifts_below_33_matches_numpy(real):
+    """Output scales close to the accumulator's (shift <= 32) take the 64-bit requantize."""
+    rng = np.random.default_rng(5)
+    data, (weight, bias, _, _), attrs = conv_case(rng, (1, 6, 6, 8), 16, 1, padding=(0, 0, 0, 0))
+    weight = (weight // 64).astype("int8")  # small sums, so real multipliers near 1 do not saturate everything
+    bias = (bias // 1000).astype("int32")
+    multiplier, shift = scheme.fixed_point_multiplier(np.full(16, real))
+    attrs = dict(attrs, high_word=scheme.uses_high_word(shift), input_zero_point=128, output_zero_point=128)
+    assert not attrs["high_word"]
+    consts = (weight, bias, multiplier, shift)
+    expected = qkernels.reference_qconv2d(data, *consts, **attrs)
+    assert len(np.unique(expected)) > 10, "test data saturates"
     np.testing.assert_array_equal(run(build(qkernels.qconv2d, [data], consts, **attrs), data), expected)
 
 
@@ -123,7 +140,8 @@ def test_qdense_matches_numpy(rows, depth, features, dtype):
     rng = np.random.default_rng(depth)
     data = random_q(rng, (rows, depth), dtype)
     consts = (rng.integers(-127, 128, size=(depth, features)).astype("int8"), *channel_params(rng, features, depth))
-    attrs = dict(input_zero_point=9, output_zero_point=-2, out_min=-100, out_max=120, out_dtype="int8")
+    attrs = dict(input_zero_point=9, output_zero_point=-2, out_min=-100, out_max=120, out_dtype="int8",
+                 high_word=scheme.uses_high_word(consts[3]))
     expected = qkernels.reference_qdense(data, *consts, **attrs)
     np.testing.assert_array_equal(run(build(qkernels.qdense, [data], consts, **attrs), data), expected)
 
@@ -280,7 +298,8 @@ def test_rpi5_conv_uses_sdot():
 def test_rpi4_conv_uses_widening_neon_multiplies():
     asm = _conv_asm("rpi4", "int8")
     assert re.search(r"^\s+smull2?\s+v\d+\.8h", asm, re.M)  # 8x8->16-bit products of the dot product
-    assert re.search(r"^\s+smlal2?\s+v\d+\.2d", asm, re.M)  # 32x32->64-bit requantize multiply
+    assert re.search(r"^\s+smull2?\s+v\d+\.2d", asm, re.M)  # 32x32->64-bit requantize multiply ...
+    assert re.search(r"^\s+uzp2\s+v\d+\.4s", asm, re.M)  # ... of which the high words are kept
     assert not re.search(r"^\s+(mul|madd|smulh)\s+x\d+, x\d+, x\d+", asm, re.M)  # no scalar 64-bit multiply
 
 

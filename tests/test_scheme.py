@@ -160,6 +160,23 @@ def test_requantize_approximates_the_real_product(acc, real):
     assert abs(got - exact) <= Fraction(1, 2) + abs(exact) * Fraction(1, 2**31)
 
 
+@settings(max_examples=500, deadline=None)
+@given(acc=st.integers(*INT32), multiplier=st.integers(2**30, 2**31 - 1), shift=st.integers(33, 62))
+def test_requantize_high_word_is_the_formula(acc, multiplier, shift):
+    """The 32-bit form the kernels use for shifts 33..62 equals the formula exactly (no wrap: |result| < 2^30)."""
+    got = scheme.requantize_high_word(np.int32(acc), np.int32(multiplier), np.int32(shift))
+    assert got.dtype == np.int32 and int(got) == _reference_requantize(acc, multiplier, shift)
+
+
+def test_requantize_high_word_edges_and_when_it_applies():
+    acc = np.array([2**31 - 1, -2**31, 0, 1, -1], np.int32)
+    for shift in (33, 47, 62):
+        for multiplier in (2**30, 2**31 - 1):
+            assert (scheme.requantize_high_word(acc, np.int32(multiplier), np.int32(shift)).tolist()
+                    == [_reference_requantize(int(a), multiplier, shift) for a in acc])
+    assert scheme.uses_high_word(np.array([33, 40, 62])) and not scheme.uses_high_word(np.array([32, 40]))
+
+
 def test_requantize_ties_round_towards_plus_infinity():
     """M = 2^30, s = 31 is the multiplier 1/2: acc/2 lands on exact ties, which round up (not to even)."""
     acc = np.array([1, -1, 3, -3, 5, -5, 4], np.int32)

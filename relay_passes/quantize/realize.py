@@ -357,6 +357,7 @@ class _Realizer:
         var = self._emit(
             qkernels.qconv2d, qt.var, self._weight_const(w.astype(np.int8).transpose(2, 3, 1, 0), weight),
             *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+            high_word=scheme.uses_high_word(shift),
             strides=tuple(int(s) for s in attrs.strides), padding=padding,
             dilation=tuple(int(d) for d in attrs.dilation),
             groups=int(attrs.groups), input_zero_point=qt.zero_point, output_zero_point=zero,
@@ -380,6 +381,7 @@ class _Realizer:
                                                            weight, bias, channels, scale)
         var = self._emit(kernel, qt.var, self._weight_const(weights, weight, weight_bits),
                          *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                         high_word=scheme.uses_high_word(shift),
                          strides=tuple(int(s) for s in attrs.strides),
                          padding=tuple(int(p) for p in attrs.padding), dilation=tuple(int(d) for d in attrs.dilation),
                          input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
@@ -413,6 +415,7 @@ class _Realizer:
                                                            scale)
         return self._emit(kernel, data, self._weight_const(weights, weight, weight_bits),
                           *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                          high_word=scheme.uses_high_word(shift),
                           input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
                           out_dtype=self.dtype, name=kernel.__name__, **extra)
 
@@ -469,6 +472,7 @@ class _Realizer:
         if var is None:
             var = self._emit(qkernels.qdense, data, self._weight_const(weight.values, weight),
                              *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
+                             high_word=scheme.uses_high_word(shift),
                              input_zero_point=qt.zero_point, output_zero_point=zero, out_min=lo, out_max=hi,
                              out_dtype=self.dtype, name="qdense")
         if len(shape) != 2:
