@@ -65,3 +65,66 @@ def write_result(name: str, text: str) -> Path:
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def model_macs(model) -> int:
+    """Multiply-accumulates of the Conv / Gemm / MatMul nodes of an ONNX model (batch as given), from inferred
+    shapes: what an int8 model spends its dot-product instructions on."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    shapes.update({t.name: list(t.dims) for t in inferred.graph.initializer})
+    macs = 0
+    for node in inferred.graph.node:
+        out = shapes.get(node.output[0])
+        if node.op_type == "Conv" and out:
+            weight = shapes[node.input[1]]  # O, I/group, KH, KW
+            macs += int(np.prod(out)) * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and out:
+            a = shapes[node.input[0]]
+            macs += int(np.prod(out)) * int(a[-1] if not (node.op_type == "Gemm" and _attr(node, "transA")) else a[0])
+    return macs
+
+
+def _attr(node, name, default=0):
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def vnni_peak_gmacs() -> float | None:
+    """The int8 multiply-accumulates per second one core issues in a loop of independent AVX-512 VNNI
+    ``vpdpbusd`` (12 chains of 64 u8 x s8 products each): the ceiling of any int8 conv on this CPU.
+    None where the host has no AVX-512 VNNI."""
+    import tvm
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    import targets
+
+    target = targets.tvm_target(targets.resolve("host"))
+    if not codegen.target_has_features("avx512vnni", target):
+        return None
+    chains = 12
+
+    @T.prim_func(s_tir=True)
+    def loop(a: T.Buffer((chains, 64), "uint8"), b: T.Buffer((64,), "int8"), c: T.Buffer((chains, 16), "int32"),
+             steps: T.int32):
+        acc = T.sblock_alloc_buffer((chains, 16), "int32")
+        for k in T.unroll(chains):
+            acc[k, T.ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
+        for _ in range(steps):
+            for k in T.unroll(chains):
+                acc[k, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                    "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[k, T.ramp(0, 1, 16)], a[k, T.ramp(0, 1, 64)],
+                    b[T.ramp(0, 1, 64)])
+        for k in T.unroll(chains):
+            c[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)]
+
+    lib = tvm.compile(tvm.IRModule({"main": loop.with_attr("global_symbol", "main")}), target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ones(shape, dtype)) for shape, dtype in
+            (((chains, 64), "uint8"), ((64,), "int8"), ((chains, 16), "int32"))]
+    steps = 2_000_000
+    seconds = min(lib.mod.time_evaluator("main", dev, number=1, repeat=5)(*args, steps).results)
+    return steps * chains * 64 / seconds / 1e9
