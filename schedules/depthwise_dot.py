@@ -23,18 +23,19 @@ from tvm.s_tir import Schedule
 from tvm.target import codegen
 
 from .dot_product import _MIN_PARALLEL_WORK, STACK_TILE_BYTES
-from .intrinsics import VNNI_DEPTHWISE
+from .intrinsics import VNNI, VNNI_DEPTHWISE
 
 ROWS = 4  # kernel rows per vpdpbusd lane
 LANES = 16  # channels per vpdpbusd (zmm)
 _MAX_PIXELS = 8  # output pixels of one register tile
 
 
-def depthwise_rows(target, channels: int, dilation: int, data_dtype: str) -> int:
+def depthwise_rows(target, channels: int, dilation: int, data_dtype: str, kernel_rows: int) -> int:
     """How many kernel rows the depthwise intrinsic reduces at once on ``target``: realize pads depthwise
     kernels to a multiple of it.  1 where the intrinsic does not apply (no VNNI, s8 data, channel counts
-    that are not a multiple of 16, dilated rows)."""
-    if target is None or target.kind.name != "llvm" or data_dtype != "uint8" or channels % LANES or dilation != 1:
+    that are not a multiple of 16, dilated rows) or does not pay (1 or 2 kernel rows: 4x or 2x the work)."""
+    if (target is None or target.kind.name != "llvm" or data_dtype != "uint8" or channels % LANES or dilation != 1
+            or kernel_rows < 3):
         return 1
     try:
         return ROWS if codegen.target_has_features("avx512vnni", target) else 1
@@ -78,8 +79,8 @@ def is_depthwise_dot(sch: Schedule, block) -> bool:
 def schedule_depthwise_dot(sch: Schedule, block, intrins) -> None:
     """Tile, repack, cache and tensorize a depthwise block (see the module docstring); ValueError if it does
     not apply (no VNNI among ``intrins``, another form of block), and the caller falls back."""
-    if not any(intrin.name.endswith("_vnni") and intrin.lanes == LANES for intrin in intrins):
-        raise ValueError("no VNNI")
+    if VNNI[LANES] not in {intrin.name for intrin in intrins}:
+        raise ValueError("no AVX-512 VNNI")
     if not is_depthwise_dot(sch, block):
         raise ValueError("not a depthwise dot product")
     stmt = sch.get(block)

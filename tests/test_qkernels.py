@@ -273,7 +273,7 @@ def test_depthwise_with_rows_padded_to_four_runs_on_vnni(kernel, stride, shape):
                                     clamp=(5, 200))
     expected = qkernels.reference_qconv2d(data, *consts, **attrs)
     weight, *epilogue = consts
-    extra = -kernel % depthwise_dot.depthwise_rows(target_of("host"), shape[3], 1, "uint8")
+    extra = -kernel % depthwise_dot.depthwise_rows(target_of("host"), shape[3], 1, "uint8", kernel)
     assert extra == 4 - kernel % 4
     top, left, bottom, right = attrs["padding"]
     padded = np.concatenate([weight, np.zeros((extra,) + weight.shape[1:], weight.dtype)])
@@ -282,13 +282,15 @@ def test_depthwise_with_rows_padded_to_four_runs_on_vnni(kernel, stride, shape):
     assert "vpdpbusd" in llvm_assembly(ex)
 
 
-@pytest.mark.parametrize("target, channels, dilation, dtype, rows", [
-    ("host", 32, 1, "uint8", None), ("host", 24, 1, "uint8", 1), ("host", 32, 2, "uint8", 1),
-    ("host", 32, 1, "int8", 1), ("rpi5", 32, 1, "int8", 1), ("rpi4", 32, 1, "uint8", 1)])
-def test_depthwise_rows_only_where_the_vnni_depthwise_kernel_applies(target, channels, dilation, dtype, rows):
+@pytest.mark.parametrize("target, channels, dilation, dtype, kernel_rows, rows", [
+    ("host", 32, 1, "uint8", 3, None), ("host", 32, 1, "uint8", 7, None), ("host", 24, 1, "uint8", 3, 1),
+    ("host", 32, 2, "uint8", 3, 1), ("host", 32, 1, "int8", 3, 1), ("host", 32, 1, "uint8", 1, 1),
+    ("rpi5", 32, 1, "int8", 3, 1), ("rpi4", 32, 1, "uint8", 3, 1)])
+def test_depthwise_rows_only_where_the_vnni_depthwise_kernel_applies(target, channels, dilation, dtype,
+                                                                     kernel_rows, rows):
     if rows is None:
         rows = 4 if _host_has("avx512vnni") else 1
-    assert depthwise_dot.depthwise_rows(target_of(target), channels, dilation, dtype) == rows
+    assert depthwise_dot.depthwise_rows(target_of(target), channels, dilation, dtype, kernel_rows) == rows
 
 
 def test_rpi5_conv_uses_sdot():

@@ -292,6 +292,30 @@ def test_a_graphs_new_kernels_are_measured_in_one_compile(tmp_path, monkeypatch)
     assert len(compiles) == 1 and model.measurements == 2
 
 
+def test_a_search_result_is_judged_on_kernels_timed_side_by_side(tmp_path, monkeypatch):
+    """The machine slowed down (or sped up) between the search's batches: the merged kernel was timed fast, and
+    timed again next to the branch kernels it replaces it is slow.  The input graph must be kept."""
+    from relay_passes.substitution import cost as cost_module
+
+    retiming = []
+    original_retime = CostModel.retime
+    monkeypatch.setattr(CostModel, "retime", lambda self, a, b: retiming.append(1) or original_retime(self, a, b))
+
+    def fake_measure_many(kernels, target, repeat=6):
+        def ms(g, group):
+            merged = any(g.nodes[n].op == R.CONV and g.nodes[n].shape[1] == 8 for n in group)  # 4 + 4 channels
+            return (10.0 if retiming else 0.1) if merged else 1.0
+        return [ms(g, group) for g, group in kernels]
+
+    monkeypatch.setattr(cost_module, "measure_many", fake_measure_many)
+    mod = load_onnx(_onnx(_inception, INCEPTION)).mod
+    new, report = substitute(mod, cost="measured", cache=tmp_path / "costs.json", budget=60)
+    assert retiming  # only a search rule's result is re-timed: the search did merge the branches
+    assert "merge_convs" not in report.applied and report.cost_after <= report.cost_before
+    calls = [b.value.op.name for b in new["main"].body.blocks[0].bindings if isinstance(b.value, relax.Call)]
+    assert calls.count("relax.nn.conv2d") == 2
+
+
 def test_parts_that_recombine_worse_than_the_folds_give_the_folds(monkeypatch):
     """Parts searched alone can recombine into a graph the whole-graph cost prices above the folds alone."""
     import relay_passes.substitution as pkg

@@ -439,7 +439,7 @@ class _Realizer:
         padding: the output is unchanged, and the conv runs on VNNI (1.6-1.9x faster) instead of int16 multiplies."""
         from schedules.depthwise_dot import depthwise_rows
 
-        extra = -w.shape[2] % depthwise_rows(self.target, w.shape[0], dilation, self.dtype)
+        extra = -w.shape[2] % depthwise_rows(self.target, w.shape[0], dilation, self.dtype, w.shape[2])
         if not extra:
             return w, padding
         top, left, bottom, right = padding
