@@ -127,15 +127,15 @@ def substitute(mod, target=None, *, alpha: float = 1.05, budget: int = 300, cost
 
     best, report.applied, report.parts = split_search(graph, rules, run, split_threshold)
     report.cost_after = model(best)
-    if report.parts > 1:  # parts searched alone can recombine into kernels priced higher as a whole
+    if set(report.applied) - set(rule_table.SIMPLIFY):  # the search rewrote more than the never-slower folds
+        # Parts searched alone can recombine into kernels priced higher as a whole; and timings taken minutes
+        # apart drift by more than a merge gains, so the kernels that differ from the folds alone are timed
+        # again side by side (CostModel.retime) and the search's rewrites kept only if they still pay.
         folded, folds = rule_table.simplify(graph, rules)
-        if (folded_cost := model(folded)) < report.cost_after:
+        folded_cost, report.cost_after = model.retime(folded, best) if measured else (model(folded),
+                                                                                     report.cost_after)
+        if folded_cost <= report.cost_after:
             best, report.applied, report.cost_after = folded, folds, folded_cost
-    if measured and set(report.applied) - set(rule_table.SIMPLIFY):  # a search rule: judged on fresh timings
-        report.cost_before, report.cost_after = model.retime(graph, best)
-        if report.cost_after >= report.cost_before:  # side by side, the search's rewrites do not pay: folds only
-            best, report.applied = rule_table.simplify(graph, rules)
-            report.cost_after = model(best)
     report.ops_after = len(best.op_ids())
     # nothing gained: keep the module as it was. The folds are kept even when the measurement of the kernel
     # they leave came out no faster: it is the same fused kernel minus epilogue work, and a tie is noise.

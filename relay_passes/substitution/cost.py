@@ -208,7 +208,8 @@ class CostModel:
 
         A search prices kernels in batches minutes apart (and the cache holds older timings still), while the
         machine's speed drifts by more than a merge gains: a search result came out priced above its input in 2
-        of 8 cold searches.  Timed together the comparison is fair; the kernels both graphs share cancel out."""
+        of 8 cold searches.  Timed together the comparison is fair; the kernels both graphs share cancel out
+        and keep their timings."""
         if not self.measured:
             return self(a), self(b)
 
