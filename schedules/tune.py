@@ -111,17 +111,12 @@ def _connect(host: str, port: int, timeout: float, _config):
     return rpc.connect(host, port, session_timeout=timeout)
 
 
-def _builder_runner(remote: Remote | None, cpu: bool = True):
-    """MetaSchedule's builder and runner.  On CPUs every timed run starts with the kernel's weights flushed from
-    the caches (its first argument, the data, stays): inside a model the previous layers have evicted them.
-    Timed hot, MetaSchedule picked MobileNetV2 schedules 1.2-1.7x "faster" than the defaults that ran 1.2-1.5x
-    slower in the model."""
+def _builder_runner(remote: Remote | None):
     from tvm.s_tir import meta_schedule as ms
 
     from .tvmscript_import import install
 
-    evaluator = (ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True) if cpu
-                 else ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40))
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40)
     if remote is None:
         builder = ms.builder.LocalBuilder(f_build=build_candidate, initializer=install, timeout_sec=300)
         return builder, ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
@@ -262,7 +257,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     database, problems = dbs.open_database(directory)
     result = TuneResult(directory, problems=problems)
     ledger = dbs.load_ledger(directory)
-    builder, runner = _builder_runner(remote, cpu=target.kind.name == "llvm")
+    builder, runner = _builder_runner(remote)
 
     tasks = extract_tasks(mod, target)
     keys = [workload_key(task.dispatched[0]["main"]) for task in tasks]
