@@ -22,7 +22,7 @@ from tvm.ir.expr import TensorLoad  # a BufferLoad
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
-from .dot_product import _MIN_PARALLEL_WORK, STACK_TILE_BYTES
+from .dot_product import _MIN_PARALLEL_WORK, STACK_TILE_BYTES, tile_accumulator
 from .intrinsics import VNNI, VNNI_DEPTHWISE
 
 ROWS = 4  # kernel rows per vpdpbusd lane
@@ -106,16 +106,7 @@ def schedule_depthwise_dot(sch: Schedule, block, intrins) -> None:
     x_outer, x_inner = sch.split(x, [None, pixels])
     sch.reorder(b, y, x_outer, c_outer, ry_outer, rx, x_inner, c_lane, ry_inner)
     fused = sch.fuse(b, y, x_outer, c_outer)
-    if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
-        sch.parallel(fused)
-
-    cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
-    for consumer in sch.get_consumers(cache):
-        try:
-            sch.reverse_compute_inline(consumer)
-        except (RuntimeError, ValueError):
-            pass
-    sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
+    cache = tile_accumulator(sch, block, fused, work)
     sch.vectorize(sch.get_loops(cache)[-1])
     init = sch.decompose_reduction(block, ry_outer)
     sch.vectorize(sch.get_loops(init)[-1])

@@ -211,16 +211,7 @@ def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin]) -> None
         inner.insert(0, r_inner)
     sch.reorder(*outer, *reduction, *inner, o_lane, k_inner)
     fused = sch.fuse(*outer)
-    if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
-        sch.parallel(fused)
-
-    cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
-    for consumer in sch.get_consumers(cache):
-        try:
-            sch.reverse_compute_inline(consumer)
-        except (RuntimeError, ValueError):
-            pass
-    sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
+    cache = tile_accumulator(sch, block, fused, work)
     _vectorize_by(sch, sch.get_loops(cache)[-1], intrin.lanes)
 
     init = sch.decompose_reduction(block, reduction[0])
@@ -228,6 +219,21 @@ def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin]) -> None
     sch.tensorize(o_lane, intrin.name)
     for loop in inner:
         sch.unroll(loop)
+
+
+def tile_accumulator(sch: Schedule, block, fused, work: int):
+    """Parallelise the fused outer loop of a register-tiled block (when ``work`` pays for threads) and give the
+    block an accumulator tile at that loop whose write-back carries its fused epilogue; returns the write-back."""
+    if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
+        sch.parallel(fused)
+    cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
+    for consumer in sch.get_consumers(cache):
+        try:
+            sch.reverse_compute_inline(consumer)
+        except (RuntimeError, ValueError):
+            pass
+    sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
+    return cache
 
 
 def _vectorize_by(sch: Schedule, loop, lanes: int) -> None:

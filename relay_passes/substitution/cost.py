@@ -182,14 +182,14 @@ class CostModel:
         one by one would measure one compile each)."""
         self._measure([(g, group) for g in graphs for group in self.groups(g)])
 
-    def _measure(self, kernels) -> None:
-        """Measure the (graph, group) kernels whose cache key is not in the table, BATCH to a compile.  A batch
-        TVM cannot build is left to group_cost, which measures its kernels one by one and prices the ones that
-        fail analytically."""
+    def _measure(self, kernels, again: bool = False) -> None:
+        """Measure the (graph, group) kernels whose cache key is not in the table (``again``: all of them),
+        BATCH to a compile.  A batch TVM cannot build is left to group_cost, which measures its kernels one by
+        one and prices the ones that fail analytically (``again``: they keep their earlier timings)."""
         todo: dict[str, tuple[Graph, list[int]]] = {}
         for g, group in kernels:
             key = self._measured_key(g, group)
-            if key is not None and key not in self.table:
+            if key is not None and (again or key not in self.table):
                 todo.setdefault(key, (g, [nid for nid in group if g.nodes[nid].op not in STRUCTURAL]))
         keys = list(todo)
         for start in range(0, len(keys), BATCH):
@@ -213,25 +213,12 @@ class CostModel:
         if not self.measured:
             return self(a), self(b)
 
-        def kernels(g):
-            return {key: (g, [nid for nid in group if g.nodes[nid].op not in STRUCTURAL])
-                    for group in self.groups(g) if (key := self._measured_key(g, group)) is not None}
-
-        in_a, in_b = kernels(a), kernels(b)
-        differing = {key: kernel for key, kernel in {**in_a, **in_b}.items() if (key in in_a) != (key in in_b)}
-        keys = list(differing)
-        for start in range(0, len(keys), BATCH):
-            chunk = keys[start:start + BATCH]
-            try:
-                times = measure_many([differing[k] for k in chunk], self.target)
-            except Exception:  # noqa: BLE001 - keep the earlier timings (see group_cost)
-                raise_if_interrupted()
-                continue
-            self.table.update(zip(chunk, times))
-            self.measurements += len(chunk)
-        if keys:
+        in_a, in_b = ({self._measured_key(g, group): (g, group) for group in self.groups(g)} for g in (a, b))
+        differing = [kernel for key, kernel in {**in_a, **in_b}.items()
+                     if key is not None and (key in in_a) != (key in in_b)]
+        self._measure(differing, again=True)
+        if differing:
             self._memo.clear()
-            self._save()
         return self(a), self(b)
 
     def _measured_key(self, g: Graph, group: list[int]) -> str | None:

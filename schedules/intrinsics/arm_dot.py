@@ -34,6 +34,17 @@ def _sdot_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         )
 
 
+def _pair_sums(a_row, b_half):
+    """saddlp(smull(a0..a3 a0..a3, two rows of B)): the 4 dot-product halves of those two output lanes."""
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
+        T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
+            T.reinterpret(T.broadcast(T.reinterpret(a_row, dtype="int32"), 2), dtype="int8x8"), b_half,
+            dtype="int16x8"),
+        dtype="int32x4")
+
+
 @T.prim_func(s_tir=True)
 def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     A = T.match_buffer(a, (4,), "int8", offset_factor=1)
@@ -42,26 +53,12 @@ def _neon_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
-        # saddlp + addp of the widening products of a0..a3 a0..a3 with rows o0, o1 (low half of B) and
-        # o2, o3 (high half); written as one expression: a named intermediate would become a local buffer
+        # addp of the pair sums with rows o0, o1 (low half of B) and o2, o3 (high half); one expression built
+        # by a Python helper: a named intermediate in the script would become a local buffer
         C[T.ramp(T.int32(0), 1, 4)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2),
-                                  dtype="int8x8"),
-                    T.vectorlow(B.vload([0, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
-                dtype="int32x4"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 2),
-                                  dtype="int8x8"),
-                    T.vectorhigh(B.vload([0, 0], dtype="int8x16"), dtype="int8x8"), dtype="int16x8"),
-                dtype="int32x4"),
+            _pair_sums(A.vload([0], "int8x4"), T.vectorlow(B.vload([0, 0], dtype="int8x16"), dtype="int8x8")),
+            _pair_sums(A.vload([0], "int8x4"), T.vectorhigh(B.vload([0, 0], dtype="int8x16"), dtype="int8x8")),
             dtype="int32x4",
         )
 
