@@ -5,9 +5,9 @@ candidate (database_tuning_record.json, `[workload_index, record]`), so a run ki
 most the line being written. `open_database` drops such a torn or otherwise unreadable line (and records that
 point at a dropped workload), says so, and rewrites the files atomically before MetaSchedule reads them.
 
-Beside the two files, `tasks.json` keeps edgeq's own ledger per workload: its task name, the latency of
-edgeq's default (untuned) schedule, and whether tuning it finished, so a tuned workload is never tuned again and
-a tuned schedule is only used where it beats the default.
+Beside the two files, `tasks.json` keeps edgeq's own ledger per workload: its task name, whether tuning it
+finished (a tuned workload is never tuned again), and the latencies of edgeq's default schedule and of the best
+record timed side by side (`default_ms`, `tuned_ms`): a tuned schedule is used only where it wins there.
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ def databases_for(preset, tuning_db: str | os.PathLike | None = None, shipped: b
     if shipped and (target_dir(SHIPPED, preset) / RECORDS).exists():
         found.append(target_dir(SHIPPED, preset))
     return found
+
+
+MARGIN = 0.03  # what a tuned schedule must win by, side by side, to replace the default (timing noise)
+
+
+def tuned_wins(entry: dict) -> bool:
+    """Whether a ledger entry's best record beat the default schedule when the two were timed side by side."""
+    tuned, default = entry.get("tuned_ms"), entry.get("default_ms")
+    return tuned is not None and default is not None and tuned < default * (1 - MARGIN)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -135,28 +144,37 @@ def _mean_secs(record) -> float:
 
 
 def export_winners(source: str | os.PathLike, destination: str | os.PathLike) -> int:
-    """Copy into `destination` the best record of each workload of `source` that beats edgeq's default schedule.
+    """Ship into `destination` each workload of `source` whose best record beat the default side by side.
 
-    What edgeq ships: only records a build would apply (one per workload, with its ledger entry), merged with
-    those already in `destination` (the faster one of a workload wins). Returns the number of workloads kept.
+    What edgeq ships: only records a build would apply (one per workload: the best, which is what was timed
+    beside the default), merged with those already in `destination` (the faster side-by-side time of a workload
+    wins). The ledger keeps every workload `source` compared, so losers stay documented. Returns the number of
+    records shipped.
     """
     source, destination = Path(source), Path(destination)
-    winners: dict[str, tuple[list, list, dict]] = {}  # workload key -> (workload line, record, ledger entry)
+    winners: dict[str, tuple[list, list]] = {}  # workload key -> (workload line, best record)
+    ledger_out: dict[str, dict] = {}
     for directory in (destination, source):
         workloads, _ = json_lines(directory / WORKLOADS)
         records, _ = json_lines(directory / RECORDS)
         ledger = load_ledger(directory)
+        best: dict[str, tuple[list, list]] = {}
         for index, record in records:
             key = workloads[index][0]
-            default_ms = ledger.get(key, {}).get("default_ms")
-            secs = _mean_secs(record)
-            if default_ms is None or secs * 1e3 >= default_ms or secs >= 1e9:  # 1e9+: a failed candidate
+            if _mean_secs(record) < 1e9 and (key not in best or _mean_secs(record) < _mean_secs(best[key][1])):
+                best[key] = (workloads[index], record)
+        for key, entry in ledger.items():
+            if "tuned_ms" not in entry:
                 continue
-            if key not in winners or secs < _mean_secs(winners[key][1]):
-                winners[key] = (workloads[index], record, ledger[key])
+            previous = ledger_out.get(key)
+            if tuned_wins(entry) and key in best and (previous is None or not tuned_wins(previous)
+                                                      or entry["tuned_ms"] < previous["tuned_ms"]):
+                winners[key], ledger_out[key] = best[key], entry
+            elif previous is None:
+                ledger_out[key] = entry
     destination.mkdir(parents=True, exist_ok=True)
     keys = sorted(winners)
     _write_atomic(destination / WORKLOADS, "".join(json.dumps(winners[k][0]) + "\n" for k in keys))
     _write_atomic(destination / RECORDS, "".join(json.dumps([i, winners[k][1]]) + "\n" for i, k in enumerate(keys)))
-    save_ledger(destination, {k: winners[k][2] for k in keys})
+    save_ledger(destination, ledger_out)
     return len(keys)
