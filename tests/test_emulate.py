@@ -128,6 +128,7 @@ def test_tune_on_the_emulated_pi(cli, device, tmp_path):
     assert len(records) == 4 and any(r[1][1][0] < 1e9 for r in records), "no candidate ran on the device"
     ledger = json.loads((tmp_path / "work" / "rpi4" / "tasks.json").read_text())
     assert all(entry["default_ms"] > 0 for entry in ledger.values())  # the default schedule, timed on the board
+    assert any((entry.get("tuned_ms") or 0) > 0 for entry in ledger.values())  # ... and beside the best record
     code, _, err = cli("compile", tmp_path / "conv.onnx", "--target", "rpi4", "--tuning-db", tmp_path / "work",
                        "-o", tmp_path / "art")
     assert code == 0, err
