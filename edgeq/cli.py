@@ -85,7 +85,7 @@ def _remote(args):
     if not (args.rpc or args.tracker):
         return None
     host, port = parse_address(args.rpc or args.tracker)
-    return Remote(host, port, key=args.key if args.tracker else None, timeout=args.timeout)
+    return Remote(host, port, key=args.key if args.tracker else None, timeout=args.timeout, retries=args.retries)
 
 
 def cmd_substitute(args) -> None:
@@ -477,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", metavar="HOST:PORT", help="measure on a device from a TVM RPC tracker")
     p.add_argument("--key", help="the device key registered with the tracker")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds for one measurement session on the device")
+    p.add_argument("--retries", type=int, default=3, help="connection attempts before the device counts as gone "
+                                                          "(checked before tuning and after a round where nothing ran)")
     p.add_argument("--report", metavar="DIR", help="print the per-task table of a database (or work dir) instead")
     p.add_argument("--plot", metavar="PNG", help="with --report: write the tuning curves (best latency vs trials)")
 

@@ -45,6 +45,31 @@ class Remote:
     key: str | None = None  # set: (host, port) is a tracker
     timeout: float = 60.0
     compiler: str | None = None  # cross compiler that links the candidates for the device
+    retries: int = 3  # connection attempts (1, 2, 4 s apart) before the device counts as gone
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}@{self.host}:{self.port}" if self.key else f"{self.host}:{self.port}"
+
+    def check(self) -> None:
+        """Return once the device gives a session; EdgeqError (the last reason) after `retries` failed tries."""
+        import time
+
+        from edgeq.deploy.rpc import Device
+        from edgeq.errors import EdgeqError
+
+        address = f"{self.host}:{self.port}"
+        device = Device(rpc=None if self.key else address, tracker=address if self.key else None, key=self.key,
+                        timeout=self.timeout)
+        for attempt in range(max(1, self.retries)):
+            if attempt:
+                time.sleep(2 ** (attempt - 1))
+            try:
+                device.connect()
+                return
+            except EdgeqError as e:
+                reason = str(e)
+        raise EdgeqError(f"{reason} (tried {max(1, self.retries)} times)")
 
 
 @dataclass
@@ -253,7 +278,7 @@ def _stop_on_ctrl_c(terminal):
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress_callback(bar, names: list[str], stop: threading.Event):
+def _progress_callback(bar, names: list[str], stop: threading.Event, remote: Remote | None, lost: list):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -270,6 +295,12 @@ def _progress_callback(bar, names: list[str], stop: threading.Event):
             latest = f"{names[task_id]} {best[task_id] * 1e3:.3f} ms" if task_id in best else names[task_id]
             bar.set_postfix_str(f"tasks done {done}/{len(names)}, best {latest}", refresh=False)
             bar.update(len(measure_candidates))
+            if remote is not None and runner_results and all(r.error_msg for r in runner_results):
+                try:  # a round where nothing ran: is the device still there?
+                    remote.check()
+                except Exception as e:  # noqa: BLE001 - EdgeqError, re-raised by tune() once MetaSchedule stops
+                    lost.append(e)
+                    stop.set()
             if stop.is_set():  # raised in the scheduler's own thread, after this round's records were added
                 raise KeyboardInterrupt
 
@@ -301,6 +332,8 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
         remote.compiler = remote.compiler or targets.find_compiler(preset)
         if remote.compiler is None:
             raise EdgeqError(f"no cross compiler for {preset.name}: install {preset.package}")
+    if remote is not None:
+        remote.check()  # before anything is written
     directory = dbs.target_dir(work_dir, preset)
     database, problems = dbs.open_database(directory)
     result = TuneResult(directory, problems=problems)
@@ -353,7 +386,8 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
         with _native_log(log) as terminal, _stop_on_ctrl_c(terminal) as stop, tqdm(
                 total=remaining, disable=None if progress else True, unit="trial", desc="tuning", leave=False,
                 file=terminal) as bar:
-            callbacks = list(callbacks) + [_progress_callback(bar, names, stop)]
+            lost: list = []
+            callbacks = list(callbacks) + [_progress_callback(bar, names, stop, remote, lost)]
             try:
                 ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(directory),
                                    max_trials_global=remaining, max_trials_per_task=max_per_task or remaining,
@@ -363,6 +397,10 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
             except (KeyboardInterrupt, RuntimeError):
                 if not stop.is_set():
                     raise
+            if lost:
+                raise EdgeqError(f"the device {remote.name} stopped answering while tuning: {lost[0]}; the database "
+                                 f"keeps every measured candidate ({directory}): run the same command again to "
+                                 "continue") from None
             if stop.is_set():
                 raise KeyboardInterrupt  # the next run resumes from the database
     # A kernel the budget did not reach stays pending for the next run; one that got trials is done for good.

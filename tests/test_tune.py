@@ -1,6 +1,7 @@
 """Tuning: databases survive kills and damage, runs resume within their budget, tuned workloads are not retuned,
 and applying records changes the schedule but not the outputs (checked against onnxruntime)."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -298,6 +299,63 @@ def tvm_schedule(mod):
     sch = Schedule(mod)
     sch.parallel(sch.get_loops(sch.get_sblock("b"))[0])
     return sch
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tuning_on_a_device_that_does_not_answer_says_so(tmp_path, cli):
+    onnx.save(conv_model(), tmp_path / "conv.onnx")
+    port = _free_port()
+    code, _, err = cli("tune", tmp_path / "conv.onnx", "--rpc", f"127.0.0.1:{port}", "--retries", 2,
+                       "--work-dir", tmp_path / "work")
+    assert code == 2 and f"cannot connect to 127.0.0.1:{port}: connection refused" in err, err
+    assert "tried 2 times" in err and not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_a_device_lost_while_tuning_stops_the_run_with_the_database_whole(tmp_path):
+    """Candidates measured over RPC on a server on this machine; the server is killed after the first round."""
+    onnx.save(conv_model(), tmp_path / "conv.onnx")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
+                               str(port), "--port-end", str(port + 1), "--silent"], start_new_session=True)
+    import os
+
+    def kill_server():  # the server and the session processes it forked: the whole device is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+    try:
+        from edgeq.deploy.emulate import _SERVER_HELLO, _accepts
+
+        start = time.time()
+        while not _accepts("127.0.0.1", port, _SERVER_HELLO) and time.time() < start + 60:
+            time.sleep(0.2)
+        work_dir = tmp_path / "work"
+        proc = _edgeq("tune", tmp_path / "conv.onnx", "--rpc", f"127.0.0.1:{port}", "--retries", 2, "--trials", 12,
+                      "--per-iteration", PER_ITERATION, "--work-dir", work_dir)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            records = list(work_dir.glob(f"*/{dbs.RECORDS}"))
+            if records and records[0].read_text().count("\n") >= PER_ITERATION:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        kill_server()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_server()
+    assert proc.returncode == 2, out + err
+    assert err.strip().splitlines()[-1].startswith(f"edgeq: error: the device 127.0.0.1:{port} stopped answering"), err
+    assert "run the same command again to continue" in err
+    (directory,) = [d for d in work_dir.iterdir() if d.is_dir()]
+    assert dbs.repair(directory) == [] and len(_records(work_dir)) >= PER_ITERATION
 
 
 def test_tuning_a_cross_target_needs_a_device(tmp_path, cli):
