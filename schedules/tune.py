@@ -45,7 +45,7 @@ class Remote:
     key: str | None = None  # set: (host, port) is a tracker
     timeout: float = 60.0
     compiler: str | None = None  # cross compiler that links the candidates for the device
-    retries: int = 3  # connection attempts (1, 2, 4 s apart) before the device counts as gone
+    retries: int = 3  # connection attempts (1, 2, 4, ... s apart) before the device counts as gone
 
     @property
     def name(self) -> str:
