@@ -125,7 +125,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
     """
     import tvm
 
-    from schedules.database import databases_for
+    from schedules.database import databases_for, untimed_workloads
 
     from .quantize import MODES, QuantizedModel
     from .quantize import quantize as quantize_model
@@ -179,7 +179,8 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
                 "inputs": [s.to_dict() for s in model.inputs],
                 "outputs": [s.to_dict() for s in model.outputs],
                 "quantization": _quantization_summary(model, quantized, mod),
-                "tuning": {"databases": [str(d) for d in tuning_dbs], "tuned_kernels": tuned_kernels},
+                "tuning": {"databases": [str(d) for d in tuning_dbs], "tuned_kernels": tuned_kernels,
+                           "untimed_kernels": [k for d in tuning_dbs for k in untimed_workloads(d)]},
                 **({"substitution": substituted.summary()} if substituted is not None else {}),
                 **({"cuda": cuda} if cuda else {}),
             })

@@ -63,6 +63,11 @@ def cmd_compile(args) -> None:
           f"{m['library']['file']} {_mb(artifact.size_bytes())})")
     if m["library"]["kind"] != "shared":
         print(f"note: {m['library']['note']}")
+    untimed = m["tuning"]["untimed_kernels"]
+    if untimed:
+        print(f"warning: {len(untimed)} tuned kernels of the tuning database were not used: never timed beside the "
+              f"default schedule ({', '.join(untimed[:3])}{', ...' if len(untimed) > 3 else ''}); run `edgeq tune` "
+              "on that work dir again (no new trials) to time them", file=sys.stderr)
 
 
 def _keep_8bit(text: str) -> tuple[str, ...]:

@@ -63,6 +63,16 @@ def tuned_wins(entry: dict) -> bool:
     return tuned is not None and default is not None and tuned < default * (1 - MARGIN)
 
 
+def untimed_workloads(directory: Path) -> list[str]:
+    """Task names of the workloads with records that were never timed beside the default (an older database):
+    builds do not use them until `edgeq tune` runs again on that work dir."""
+    workloads, _ = json_lines(directory / WORKLOADS)
+    records, _ = json_lines(directory / RECORDS)
+    ledger = load_ledger(directory)
+    keys = {workloads[index][0] for index, record in records if index < len(workloads) and _mean_secs(record) < 1e9}
+    return sorted(ledger.get(k, {}).get("task", k) for k in keys if "tuned_ms" not in ledger.get(k, {}))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared (or shipped) database from other users

@@ -126,12 +126,16 @@ def test_a_default_timed_slow_while_tuning_is_timed_again_beside_the_record(tune
         entry["default_ms"] = 1e6
         entry.pop("tuned_ms", None)
     dbs.save_ledger(directory, ledger)
-    records = len(_records(copy))
+    code, _, err = cli("compile", model, "--tuning-db", copy, "--no-shipped-tuning", "-o", tmp_path / "art")
+    assert code == 0 and "tuned kernels of the tuning database were not used: never timed beside" in err, err
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["tuning"]["tuned_kernels"] == [] and manifest["tuning"]["untimed_kernels"]
+    conv_records = sum(r[0] == 0 for r in _records(copy))
     code, out, err = cli(*_tune_args(model, copy))
-    assert code == 0 and "0 trials this run" in out, err
+    assert code == 0, err
     (conv,) = [r for r in tune.report(directory) if r["task"].startswith("fused_conv2d")]
     assert conv["default_ms"] < 1e3 and conv["tuned_ms"] > 0 and conv["used"] == dbs.tuned_wins(conv)
-    assert len(_records(copy)) == records
+    assert sum(r[0] == 0 for r in _records(copy)) == conv_records  # the conv was timed again, not re-tuned
 
 
 def test_side_by_side_alternates_the_two_schedules_and_takes_medians(monkeypatch):
