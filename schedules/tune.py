@@ -433,8 +433,9 @@ def report(directory: str | Path) -> list[dict]:
     if not (directory / dbs.RECORDS).exists():
         raise FileNotFoundError(directory)
     ledger = dbs.load_ledger(directory)
+    measured = _records_by_workload(directory)
     rows = []
-    for key, secs in _records_by_workload(directory).items():
+    for key, secs in measured.items():
         curve, best = [], math.inf
         for s in secs:
             best = min(best, s if s < _FAILED else math.inf)
@@ -444,6 +445,10 @@ def report(directory: str | Path) -> list[dict]:
                      "default_ms": entry.get("default_ms"), "best_ms": None if math.isinf(best) else best * 1e3,
                      "tuned_ms": entry.get("tuned_ms"), "used": dbs.tuned_wins(entry),
                      "complete": entry.get("complete", False), "curve_ms": curve})
+    # Compared but shipped without a record (`edgeq tune --zoo` keeps the ledger of the losers too).
+    rows += [{"task": entry.get("task", key), "workload": key, "trials": 0, "default_ms": entry.get("default_ms"),
+              "best_ms": None, "tuned_ms": entry["tuned_ms"], "used": False, "complete": True, "curve_ms": []}
+             for key, entry in ledger.items() if key not in measured and "tuned_ms" in entry]
     return rows
 
 

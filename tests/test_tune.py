@@ -277,6 +277,9 @@ def test_export_ships_only_records_that_beat_the_default(tmp_path, monkeypatch):
     assert ledger[keys[24]]["tuned_ms"] == 0.004 and not dbs.tuned_wins(ledger[keys[16]])
     best = {k: min(v) for k, v in tune._records_by_workload(shipped).items()}
     assert best == {keys[8]: 1e-6, keys[24]: 1e-6, keys[32]: 1e-6}
+    rows = {r["workload"]: r for r in tune.report(shipped)}  # `edgeq tune --report` lists the loser too
+    assert set(rows) == set(ledger) and rows[keys[16]]["trials"] == 0 and not rows[keys[16]]["used"]
+    assert rows[keys[8]]["used"] and rows[keys[8]]["tuned_ms"] == 0.005
     # a build for the preset reads the shipped database unless told not to
     monkeypatch.setattr(dbs, "SHIPPED", tmp_path / "shipped")
     monkeypatch.setattr(dbs, "database_name", lambda preset: "host-x")
