@@ -66,11 +66,9 @@ def tuned_wins(entry: dict) -> bool:
 def untimed_workloads(directory: Path) -> list[str]:
     """Task names of the workloads with records that were never timed beside the default (an older database):
     builds do not use them until `edgeq tune` runs again on that work dir."""
-    workloads, _ = json_lines(directory / WORKLOADS)
-    records, _ = json_lines(directory / RECORDS)
     ledger = load_ledger(directory)
-    keys = {workloads[index][0] for index, record in records if index < len(workloads) and _mean_secs(record) < 1e9}
-    return sorted(ledger.get(k, {}).get("task", k) for k in keys if "tuned_ms" not in ledger.get(k, {}))
+    return sorted(ledger.get(k, {}).get("task", k) for k in _best_records(directory)
+                  if "tuned_ms" not in ledger.get(k, {}))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -153,6 +151,21 @@ def _mean_secs(record) -> float:
     return sum(secs) / len(secs) if secs else float("inf")
 
 
+def _best_records(directory: Path) -> dict[str, tuple[list, list]]:
+    """Each workload's fastest record that ran (MetaSchedule's best, the one timed beside the default):
+    workload key -> (workload line, record)."""
+    workloads, _ = json_lines(directory / WORKLOADS)
+    records, _ = json_lines(directory / RECORDS)
+    best: dict[str, tuple[list, list]] = {}
+    for index, record in records:
+        if index >= len(workloads):  # a database not repaired yet (repair drops such records)
+            continue
+        key = workloads[index][0]
+        if _mean_secs(record) < 1e9 and (key not in best or _mean_secs(record) < _mean_secs(best[key][1])):
+            best[key] = (workloads[index], record)
+    return best
+
+
 def export_winners(source: str | os.PathLike, destination: str | os.PathLike) -> int:
     """Ship into `destination` each workload of `source` whose best record beat the default side by side.
 
@@ -165,15 +178,8 @@ def export_winners(source: str | os.PathLike, destination: str | os.PathLike) ->
     winners: dict[str, tuple[list, list]] = {}  # workload key -> (workload line, best record)
     ledger_out: dict[str, dict] = {}
     for directory in (destination, source):
-        workloads, _ = json_lines(directory / WORKLOADS)
-        records, _ = json_lines(directory / RECORDS)
-        ledger = load_ledger(directory)
-        best: dict[str, tuple[list, list]] = {}
-        for index, record in records:
-            key = workloads[index][0]
-            if _mean_secs(record) < 1e9 and (key not in best or _mean_secs(record) < _mean_secs(best[key][1])):
-                best[key] = (workloads[index], record)
-        for key, entry in ledger.items():
+        best = _best_records(directory)
+        for key, entry in load_ledger(directory).items():
             if "tuned_ms" not in entry:
                 continue
             previous = ledger_out.get(key)

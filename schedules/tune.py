@@ -48,19 +48,21 @@ class Remote:
     retries: int = 3  # connection attempts (1, 2, 4, ... s apart) before the device counts as gone
 
     @property
-    def name(self) -> str:
-        return f"{self.key}@{self.host}:{self.port}" if self.key else f"{self.host}:{self.port}"
+    def device(self):
+        """The same board as the deploy commands name it (connection, messages)."""
+        from edgeq.deploy.rpc import Device
+
+        address = f"{self.host}:{self.port}"
+        return Device(rpc=None if self.key else address, tracker=address if self.key else None, key=self.key,
+                      timeout=self.timeout)
 
     def check(self) -> None:
         """Return once the device gives a session; EdgeqError (the last reason) after `retries` failed tries."""
         import time
 
-        from edgeq.deploy.rpc import Device
         from edgeq.errors import EdgeqError
 
-        address = f"{self.host}:{self.port}"
-        device = Device(rpc=None if self.key else address, tracker=address if self.key else None, key=self.key,
-                        timeout=self.timeout)
+        device = self.device
         for attempt in range(max(1, self.retries)):
             if attempt:
                 time.sleep(2 ** (attempt - 1))
@@ -398,7 +400,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
                 if not stop.is_set():
                     raise
             if lost:
-                raise EdgeqError(f"the device {remote.name} stopped answering while tuning: {lost[0]}; the database "
+                raise EdgeqError(f"the device {remote.device.name} stopped answering while tuning: {lost[0]}; the database "
                                  f"keeps every measured candidate ({directory}): run the same command again to "
                                  "continue") from None
             if stop.is_set():

@@ -1,9 +1,16 @@
-"""Shared fixtures: the onnxruntime oracle, the CLI driver, and required cross toolchains."""
+"""Shared fixtures: the onnxruntime oracle, the CLI driver, required cross toolchains, and TVM RPC processes on
+loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -47,3 +54,36 @@ def llvm_assembly(executable) -> str:
     from edgeq.build import _modules
 
     return "\n".join(m.inspect_source("asm") for m in _modules(executable.mod) if m.kind == "llvm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "server exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(port)
+
+
+def start(*args: str, port: int | None = None):
+    """A TVM RPC process in its own process group (the server forks a worker per session)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    if port is not None:
+        wait_listening(port, proc)
+    return proc
+
+
+def kill(proc) -> None:
+    """The process and everything it forked (nothing if they are gone already)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,51 +1,17 @@
 """Deploy over TVM RPC against a real RPC server and tracker on loopback (this machine as the device)."""
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import zoo
+from conftest import free_port, kill, start
 
 import edgeq
 from edgeq import EdgeqError
 from edgeq.deploy import rpc
 from edgeq.deploy.rpc import Device, deploy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(port)
-
-
-def start(*args: str, port: int | None = None):
-    """A TVM RPC process in its own process group (the server forks a worker per session)."""
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    if port is not None:
-        wait_listening(port, proc)
-    return proc
-
-
-def kill(proc) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.fixture(scope="module")

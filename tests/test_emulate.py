@@ -12,19 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import require_tool
+from conftest import free_port, require_tool
 
 from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 from edgeq.deploy.emulate import emulate, running, stop
 from edgeq.errors import EdgeqError
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

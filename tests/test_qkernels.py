@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import tvm
-from conftest import llvm_assembly
+from conftest import free_port, llvm_assembly
 from tvm import relax, topi
 
 import targets
@@ -338,7 +338,6 @@ def test_avx2_build_uses_pmaddwd_and_matches_numpy(dtype):
 @pytest.mark.parametrize("board", ["rpi5", "rpi4"])
 def test_arm_kernels_match_numpy_on_emulated_board(board):
     """sdot (rpi5) and NEON smull (rpi4) code run under qemu with the board's CPU, through TVM RPC."""
-    import socket
     import tempfile
     from pathlib import Path
 
@@ -363,9 +362,7 @@ def test_arm_kernels_match_numpy_on_emulated_board(board):
     cases.append((qkernels.qdense, data, consts, attrs, qkernels.reference_qdense(data, *consts, **attrs),
                   "sdot" if board == "rpi5" else "smull"))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     try:
         emulate(board, port)
         remote = rpc.connect("127.0.0.1", port, session_timeout=300)

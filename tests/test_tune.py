@@ -1,7 +1,6 @@
 """Tuning: databases survive kills and damage, runs resume within their budget, tuned workloads are not retuned,
 and applying records changes the schedule but not the outputs (checked against onnxruntime)."""
 
-import contextlib
 import json
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import targets
-from conftest import ort_outputs
+from conftest import free_port, kill, ort_outputs, start
 from schedules import database as dbs
 from schedules import tune
 
@@ -308,17 +307,9 @@ def tvm_schedule(mod):
     return sch
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tuning_on_a_device_that_does_not_answer_says_so(tmp_path, cli):
     onnx.save(conv_model(), tmp_path / "conv.onnx")
-    port = _free_port()
+    port = free_port()
     code, _, err = cli("tune", tmp_path / "conv.onnx", "--rpc", f"127.0.0.1:{port}", "--retries", 2,
                        "--work-dir", tmp_path / "work")
     assert code == 2 and f"cannot connect to 127.0.0.1:{port}: connection refused" in err, err
@@ -329,21 +320,10 @@ def test_tuning_on_a_device_that_does_not_answer_says_so(tmp_path, cli):
 def test_a_device_lost_while_tuning_stops_the_run_with_the_database_whole(tmp_path):
     """Candidates measured over RPC on a server on this machine; the server is killed after the first round."""
     onnx.save(conv_model(), tmp_path / "conv.onnx")
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
-                               str(port), "--port-end", str(port + 1), "--silent"], start_new_session=True)
-    import os
-
-    def kill_server():  # the server and the session processes it forked: the whole device is gone
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-
+    port = free_port()
+    server = start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1),
+                   port=port)
     try:
-        from edgeq.deploy.emulate import _SERVER_HELLO, _accepts
-
-        start = time.time()
-        while not _accepts("127.0.0.1", port, _SERVER_HELLO) and time.time() < start + 60:
-            time.sleep(0.2)
         work_dir = tmp_path / "work"
         proc = _edgeq("tune", tmp_path / "conv.onnx", "--rpc", f"127.0.0.1:{port}", "--retries", 2, "--trials", 12,
                       "--per-iteration", PER_ITERATION, "--work-dir", work_dir)
@@ -354,10 +334,10 @@ def test_a_device_lost_while_tuning_stops_the_run_with_the_database_whole(tmp_pa
                 break
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()
-        kill_server()
+        kill(server)  # the server and the session processes it forked: the whole device is gone
         out, err = proc.communicate(timeout=300)
     finally:
-        kill_server()
+        kill(server)
     assert proc.returncode == 2, out + err
     assert err.strip().splitlines()[-1].startswith(f"edgeq: error: the device 127.0.0.1:{port} stopped answering"), err
     assert "run the same command again to continue" in err
