@@ -20,7 +20,7 @@ from edgeq.errors import EdgeqError, one_line
 from . import rules as rule_table
 from .cost import CostModel, can_measure
 from .graph import Graph, Unsupported
-from .search import search as metaflow_search
+from .search import steps as search_steps
 from .split import split_search
 
 SPLIT_THRESHOLD = 64  # ops; larger graphs are cut and searched part by part
@@ -121,11 +121,11 @@ def substitute(mod, target=None, *, alpha: float = 1.05, budget: int = 300, cost
 
     def run(part):
         part, folded = rule_table.simplify(part, rules)  # the never-slower folds first, then the search
-        found = metaflow_search(part, rules, model, alpha, budget)
+        found = yield from search_steps(part, rules, model, alpha, budget)
         report.expansions += found.expansions
         return found.graph, folded + found.applied
 
-    best, report.applied, report.parts = split_search(graph, rules, run, split_threshold)
+    best, report.applied, report.parts = split_search(graph, rules, run, split_threshold, model.prefetch)
     report.cost_after = model(best)
     if set(report.applied) - set(rule_table.SIMPLIFY):  # the search rewrote more than the never-slower folds
         # Parts searched alone can recombine into kernels priced higher as a whole; and timings taken minutes

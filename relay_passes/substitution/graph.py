@@ -347,12 +347,15 @@ class Graph:
         part.prune()
         return part, outer_inputs, outputs
 
-    def inline(self, part: "Graph", outer_inputs: list[int], outputs: list[int]) -> None:
-        """Put a (rewritten) part back: its inputs bound to `outer_inputs`, its outputs replacing `outputs`."""
+    def inline(self, part: "Graph", outer_inputs: list[int], outputs: list[int]) -> dict[int, int]:
+        """Put a (rewritten) part back: its inputs bound to `outer_inputs`, its outputs replacing `outputs`;
+        {old output id: the id now standing for it}."""
         local = dict(zip(part.params, outer_inputs))
         for nid in part.topo():
             if nid not in local:
                 node = part.nodes[nid]
                 local[nid] = self.add(node.with_inputs(local[i] for i in node.inputs))
         results = part.nodes[part.output].inputs
-        self.replace({old: local[new] for old, new in zip(outputs, results)})
+        mapping = {old: local[new] for old, new in zip(outputs, results)}
+        self.replace(mapping)
+        return mapping

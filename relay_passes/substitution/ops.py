@@ -57,6 +57,7 @@ def _matmul(x, w, attrs):
     return relax.op.matmul(x, w, **attrs)
 
 
+FUSED = ("edgeq.conv2d", "edgeq.matmul")  # core op (+ bias add) (+ activation): one kernel
 EMIT = {
     "edgeq.conv2d": _fused(_conv),
     "edgeq.matmul": _fused(_matmul),

@@ -26,7 +26,10 @@ class SearchResult:
     seen: int = 0
 
 
-def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) -> SearchResult:
+def steps(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300):
+    """The search as a generator: it yields each list of graphs it is about to price and returns the
+    SearchResult, so a driver (`run_together`) can measure the new kernels of several searches in one compile."""
+    yield [graph]
     start = cost(graph)
     best = SearchResult(graph, start)
     tie = itertools.count()
@@ -45,8 +48,7 @@ def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) ->
                 if h not in seen:
                     seen.add(h)
                     candidates.append((new, rule.name))
-        if hasattr(cost, "prefetch"):
-            cost.prefetch([new for new, _ in candidates])  # one compile for all their new kernels
+        yield [new for new, _ in candidates]
         for new, name in candidates:
             c = cost(new)
             if c < alpha * best.cost:
@@ -55,3 +57,26 @@ def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) ->
                 best = SearchResult(new, c, log + [name])
     best.expansions, best.seen = expansions, len(seen)
     return best
+
+
+def run_together(searches, prefetch=None) -> list:
+    """Advance generators like `steps` in lockstep, pricing what all of them yield with one `prefetch` call
+    (CostModel.prefetch: one compile for the new kernels of every part of a split graph, not one per part);
+    their results."""
+    results: list = [None] * len(searches)
+    active = dict(enumerate(searches))
+    while active:
+        wanted = []
+        for k, gen in list(active.items()):
+            try:
+                wanted += next(gen)
+            except StopIteration as done:
+                results[k] = done.value
+                del active[k]
+        if wanted and prefetch is not None:
+            prefetch(wanted)
+    return results
+
+
+def search(graph: Graph, rules, cost, alpha: float = 1.05, budget: int = 300) -> SearchResult:
+    return run_together([steps(graph, rules, cost, alpha, budget)], getattr(cost, "prefetch", None))[0]

@@ -15,6 +15,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 
 from .graph import Graph
+from .search import run_together
 
 INF = 1 << 30
 
@@ -149,21 +150,16 @@ def partition(g: Graph, rules, threshold: int) -> list[set[int]]:
     return _with_structure(g, cut(g.op_ids()))
 
 
-def split_search(g: Graph, rules, run, threshold: int):
-    """Search each part with `run(part) -> (graph, applied)`, putting each result back before the next."""
+def split_search(g: Graph, rules, run, threshold: int, prefetch=None):
+    """Search the parts of `g` with `run(part)`, a generator like search.steps returning (graph, applied),
+    all in lockstep (search.run_together: `prefetch` prices what they yield together), then put each result
+    back in place of its part (the parts were cut from `g` itself: a part's search only sees shapes from
+    outside it, which the other parts' rewrites keep)."""
     parts = partition(g, rules, threshold)
-    if len(parts) == 1:
-        new, applied = run(g)
-        return new, applied, 1
-    applied_all = []
-    current = g
-    for ids in parts:
-        ids = {i for i in ids if i in current.nodes}
-        if not ids:
-            continue
-        part, outer_in, outs = current.subgraph(ids)
-        new, applied = run(part)
-        current = current.copy()
-        current.inline(new, outer_in, outs)
+    extracted = [g.subgraph(ids) for ids in parts if ids]
+    found = run_together([run(part) for part, _, _ in extracted], prefetch)
+    current, moved, applied_all = g.copy(), {}, []
+    for (_, outer_in, outs), (new, applied) in zip(extracted, found):
+        moved.update(current.inline(new, [moved.get(i, i) for i in outer_in], outs))
         applied_all.extend(applied)
     return current, applied_all, len(parts)
