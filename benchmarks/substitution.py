@@ -215,7 +215,9 @@ def main() -> None:
         "\"paired\" = median over rounds of (with / without) in the same round, the drift-cancelling ratio; "
         "\"ratio of minima\" = best round with / best round without (interference only adds time). "
         "The measured cost model prices the fused kernels TVM will compile (cost.fusion_groups), each compiled "
-        "and timed alone; \"cold\" search time includes measuring every kernel not yet in the cost cache (the "
+        "and timed alone in the layout the CPU build runs it in (channels-last, relay_passes/substitution/"
+        "channels_last.py), at the TVM thread pool's default size (2 here: compare \"cost est.\" with the 2-thread "
+        "row); \"cold\" search time includes measuring every kernel not yet in the cost cache (the "
         "cache starts empty), \"warm\" is the same search again from the sweep below. \"load avg\": the "
         "machine's 1-minute load average around the timing (2 cores shared with other jobs: absolute ms move "
         "with it; above ~2 the ratios are noisy to ±10 %, see the spread between paired and minima). "
@@ -233,7 +235,8 @@ def main() -> None:
         "Reading: the build's graph passes already fold BatchNormalization into the conv (relay_passes/pipeline.py) "
         "and TVM's FuseOps compiles conv → bias → relu into one kernel, so the folds (conv_bias/act) only "
         "rename kernels that exist either way: ~1.00× by construction. Gains must come from the merges, which "
-        "on this CPU trade two or three conv calls for one wider conv plus a split copy.",
+        "on this CPU trade two or three conv calls for one wider conv plus a split copy (strided, in NHWC): "
+        "priced that way the search finds no merge that pays and keeps the folds alone.",
         "",
         "## α × budget sweep (measured cost model, cache shared with the row above: no re-measuring)",
         "",

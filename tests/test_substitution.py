@@ -314,6 +314,43 @@ def test_retime_runs_the_compiled_kernels_again_without_compiling(tmp_path, monk
     assert cost_a == pytest.approx(model(a)) and cost_b == pytest.approx(model(b))
 
 
+def _pool_block(g):
+    """Concat, split, max-pool, add and a global mean between convs: ops that follow the convs' layout."""
+    a = g.op("Relu", g.conv("x", 4, 6, bias=True))
+    b = g.op("MaxPool", g.conv("x", 4, 6, k=1, pad=0), kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    g.nodes.append(helper.make_node("Split", [_concat(g, a, b), g.const(np.array([6, 6], np.int64))],
+                                    ["s0", "s1"], axis=1))
+    return g.op("ReduceMean", g.op("Add", "s0", "s1"), axes=[2, 3], keepdims=1)
+
+
+def test_kernels_are_timed_channels_last_as_the_cpu_build_runs_them():
+    """A kernel measured alone must be the kernel the model runs: NHWC data, HWIO weights, and no transposes at
+    its boundary (which timed a 1x1 conv at twice its in-model time and made merged convs look cheaper)."""
+    from relay_passes.substitution import cost as C
+    from relay_passes.substitution.channels_last import channels_last
+
+    g = _graph(load_onnx(_onnx(_pool_block, {"x": X})).mod)
+    g, _ = R.simplify(g)
+    for group in C.fusion_groups(g):
+        function, types = C._kernel_function(g, group)
+        text = function.script()
+        assert "permute_dims" not in text and 'data_layout="NCHW"' not in text and 'layout="NCHW"' not in text
+        for shape, _ in types:  # 4-D inputs come channels last (X is 1x4x6x6, the convs give 1x6x6x6)
+            assert len(shape) != 4 or shape[1] == shape[2] == 6
+        ex = tvm.compile(tvm.IRModule({"main": function}), tvm.target.Target("llvm"))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        out = vm["main"](*[tvm.runtime.tensor(np.ones(s, d)) for s, d in types])
+        nchw = g.nodes[group[-1]]
+        if hasattr(nchw.ty, "shape") and len(nchw.shape) == 4:
+            assert tuple(out.numpy().shape) == tuple(nchw.shape[a] for a in (0, 2, 3, 1))
+    ops = {g.nodes[n].op for group in C.fusion_groups(g) for n in group}
+    assert {"edgeq.conv2d", "relax.nn.max_pool2d", "relax.concat", "relax.split", "relax.mean"} <= ops
+    # an op with no channels-last form (a 4-D reshape) leaves its kernel as it is
+    kernel = _graph(load_onnx(_onnx(lambda g: g.op("Reshape", "x", g.const(np.array([1, 4, 36, 1], np.int64))),
+                                    {"x": X})).mod)
+    assert channels_last(kernel) is kernel
+
+
 def test_verify_catches_a_wrong_rule():
     wrong = R.Rule("drop_relu", "relu(x) -> x (wrong)", (R.P("r", "relax.nn.relu", ("x",)), R.P("x")), ("r",),
                    lambda g, m: {m["r"]: m["x"]})

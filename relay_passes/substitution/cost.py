@@ -22,6 +22,7 @@ import numpy as np
 from edgeq.errors import raise_if_interrupted
 
 from . import ops
+from .channels_last import channels_last
 from .graph import STRUCTURAL, Graph, Node
 
 # target kind -> (GFLOP/s, GB/s, launch µs): rough untuned-code figures; only ratios matter to the search
@@ -29,6 +30,7 @@ MACHINES = {"llvm": (8.0, 8.0, 3.0), "cuda": (2000.0, 200.0, 8.0)}
 VIEWS = ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")  # no data movement
 TIE_BREAK = 1e-3  # weight of the analytic cost added to a measured one
 BATCH = 64  # kernels measured per compile
+MEASURED_AS = "channels-last"  # in cache keys: timings taken before kernels were measured channels-last differ
 # ops FuseOps puts into the kernel of the op producing their input (elementwise / broadcast)
 ELEMENTWISE = ops.ELEMENTWISE_BINARY + tuple(ops.ACTIVATIONS) + ("relax.clip", "relax.nn.gelu", "relax.nn.silu",
                                                                  "relax.exp", "relax.sqrt", "relax.negative")
@@ -151,7 +153,7 @@ class CostModel:
         self.kind = target.kind.name
         self.measured = measured
         self.path = Path(cache) if cache is not None else default_cache_path()
-        self.key = str(target)
+        self.key = f"{target} {MEASURED_AS}"
         self.table: dict[str, float] = self._load() if measured else {}
         self.measurements = 0  # ops timed by this instance (the rest came from the cache)
         self._dirty = False
@@ -361,6 +363,7 @@ def _kernel_function(g: Graph, group: list[int]):
     for nid in group:
         inside[nid] = one.add(g.nodes[nid].with_inputs([operand(i) for i in g.nodes[nid].inputs]))
     one.output = inside[group[-1]]
+    one = channels_last(one)  # as the CPU build runs it (only CPU code is measured here)
     return one.to_relax(), [t for p in one.params for t in _types(one.nodes[p].ty)]
 
 

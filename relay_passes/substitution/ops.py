@@ -50,7 +50,7 @@ def _reshape(bb, args, attrs):
 
 
 def _conv(x, w, attrs):
-    return relax.op.nn.conv2d(x, w, **CONV_LAYOUT, **attrs)
+    return relax.op.nn.conv2d(x, w, **{**CONV_LAYOUT, **attrs})  # attrs may name other layouts (channels_last)
 
 
 def _matmul(x, w, attrs):
