@@ -12,14 +12,16 @@ exported model straight into bit-serial kernels and onnxruntime runs it as the o
     qat.fine_tune(model, images, labels)      # or your own loop: loss + qat.regularization(model)
     qat.export(model, "m.onnx", example)      # then edgeq.build("m.onnx", "host", out, input_shapes=...)
 
-``prepare`` handles (nested) ``nn.Sequential`` models built of Conv2d, BatchNorm2d, ReLU, MaxPool2d, Flatten,
-Dropout, Identity and Linear layers.
+``prepare`` traces the model with torch.fx, so residual networks work as well as ``nn.Sequential`` ones; it
+returns a ``torch.fx.GraphModule``.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import itertools
+import operator
 import os
 import warnings
 
@@ -27,14 +29,14 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from torch import nn
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
 
 from relay_passes.quantize import pact as pact_np
 from relay_passes.quantize import sawb as sawb_np
 from relay_passes.quantize import scheme
 
 OPSET = 17
-_SHAPE_ONLY = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)  # keep the codes (and scale) of their input
 
 
 # ----------------------------------------------------------------------------------------------- PACT
@@ -277,28 +279,141 @@ class QLinear(_QuantWeight, nn.Linear):
 
 
 # ----------------------------------------------------------------------------------------------- prepare
-def _leaves(module: nn.Module) -> list[nn.Module]:
-    if isinstance(module, nn.Sequential):
-        return [leaf for child in module for leaf in _leaves(child)]
-    return [module]
+# torch ops by the role annotate.py gives their ONNX counterparts: a module class, a function, or a method name
+WEIGHTED = (nn.Conv2d, nn.Linear)
+RELU = (nn.ReLU, torch.relu, nn.functional.relu, "relu")
+ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
+KEEP_CODES = (nn.MaxPool2d, nn.Flatten, nn.functional.max_pool2d, torch.flatten, "flatten", "view", "reshape")
+PASS = (nn.Dropout, nn.Identity)  # gone from the exported graph
+NEW_RANGE = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
+             torch.mean, "mean")
 
 
-def _fold_bn(layers: list[nn.Module]) -> list[nn.Module]:
-    """Conv2d followed by BatchNorm2d -> one Conv2d with bias (running statistics): what inference computes."""
-    out = []
-    for layer in layers:
-        if isinstance(layer, nn.BatchNorm2d) and out and isinstance(out[-1], nn.Conv2d):
-            conv = copy.deepcopy(out[-1])
-            factor = layer.weight.detach() / torch.sqrt(layer.running_var + layer.eps)
-            bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(layer.running_mean)
-            conv.weight = nn.Parameter(conv.weight.detach() * factor.reshape(-1, 1, 1, 1))
-            conv.bias = nn.Parameter((bias - layer.running_mean) * factor + layer.bias.detach())
-            out[-1] = conv
-        elif isinstance(layer, nn.BatchNorm2d):
-            raise ValueError("prepare: a BatchNorm2d must follow a Conv2d")
+def _is(node: fx.Node, modules: dict, kinds) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], tuple(k for k in kinds if isinstance(k, type)))
+    if node.op in ("call_function", "call_method"):
+        return any(node.target is k or node.target == k for k in kinds if not isinstance(k, type))
+    return False
+
+
+def prepare(model: nn.Module, bits: int = 2, keep_8bit=("first", "last"), act_bits: int | None = None,
+            alpha_l2: float = 0.0) -> fx.GraphModule:
+    """A QAT copy of `model` (traced with torch.fx: any model whose forward traces, residual ones included): BN
+    folded into the conv / linear before it, Conv2d (groups 1) / Linear swapped for SAWB ``bits``-bit layers
+    (``keep_8bit``: "first", "last" and/or positions among the weighted layers, in call order, stay int8), each
+    ReLU after a conv / linear / residual add that feeds a low-bit layer replaced by PACT (``act_bits``, default
+    ``bits``; ``alpha_l2``: its alpha^2 penalty), uint8 fake quant on every other tensor a quantized op reads or
+    writes: the placement of edgeq's w2a2 annotate pass, so the export builds to integer and bit-serial kernels.
+    Ops with no quantized form here stay float. Call :func:`calibrate` before training."""
+    act_bits = bits if act_bits is None else act_bits
+    try:
+        gm = fuse(copy.deepcopy(model).eval(), inplace=True)  # traces, and folds each BN into its conv/linear
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds on control flow it cannot trace
+        raise ValueError(f"prepare: torch.fx cannot trace the model: {e}") from None
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    if any(n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm) for n in nodes):
+        raise ValueError("prepare: a BatchNorm must directly follow the Conv2d / Linear whose output only it reads")
+    weighted = [n for n in nodes if _is(n, modules, WEIGHTED)]
+    if not weighted:
+        raise ValueError("prepare: no Conv2d/Linear layer")
+    keep = {weighted[0] if k == "first" else weighted[-1] if k == "last" else weighted[k] for k in keep_8bit}
+    low = {n for n in weighted if bits < 8 and n not in keep  # grouped convs stay 8-bit, as in annotate.py
+           and not (isinstance(modules[n.target], nn.Conv2d) and modules[n.target].groups != 1)}
+    _Placement(gm, modules, low, bits, act_bits, alpha_l2).run(nodes)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class _Placement:
+    """The walk of :func:`prepare` over the traced graph: one quantizer per quantized tensor, in call order."""
+
+    def __init__(self, gm: fx.GraphModule, modules: dict, low: set, bits: int, act_bits: int, alpha_l2: float):
+        self.gm, self.modules, self.low = gm, modules, low
+        self.bits, self.act_bits, self.alpha_l2 = bits, act_bits, alpha_l2
+        self.quantizer: dict[fx.Node, nn.Module] = {}  # value -> the quantizer whose codes it holds
+        self.fused: set[fx.Node] = set()
+        self.count = itertools.count()
+
+    def run(self, nodes) -> None:
+        for node in nodes:
+            args = [a for a in node.args if isinstance(a, fx.Node)]
+            if node in self.fused or not args:
+                continue
+            if _is(node, self.modules, WEIGHTED):
+                self._quantize_inputs(args[:1])
+                layer = self.modules[node.target]
+                self._output(self._replace(node, _swap(layer, self.bits_of(node))))
+            elif _is(node, self.modules, ADD) and len(args) == 2:
+                self._quantize_inputs(args)
+                self._output(node)
+            elif args[0] not in self.quantizer:
+                continue  # float in, float out
+            elif _is(node, self.modules, RELU) or _is(node, self.modules, NEW_RANGE):
+                self._after(node, ActQuant8())
+            elif _is(node, self.modules, KEEP_CODES):
+                self._after(node, Requant(self.quantizer[args[0]]), self.quantizer[args[0]])
+            elif _is(node, self.modules, PASS):
+                self.quantizer[node] = self.quantizer[args[0]]
+
+    def bits_of(self, node: fx.Node) -> int:
+        return self.bits if node in self.low else 8
+
+    def _name(self) -> str:
+        return f"edgeq_quant{next(self.count)}"
+
+    def _replace(self, node: fx.Node, module: nn.Module) -> fx.Node:
+        """`node` as a call of `module` (a new submodule: a layer called twice gets two)."""
+        name = self._name()
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        return new
+
+    def _after(self, node: fx.Node, module: nn.Module, quantizer: nn.Module | None = None) -> fx.Node:
+        """Insert `module` after `node`, read by all of node's users; its output holds `quantizer`'s codes."""
+        name = self._name()
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.quantizer[new] = quantizer or module
+        return new
+
+    def _quantize_inputs(self, args) -> None:
+        for arg in args:
+            if arg not in self.quantizer:
+                self._after(arg, ActQuant8())
+
+    def _output(self, node: fx.Node) -> None:
+        """A conv / linear / add output: its only-consumer ReLU is fused (PACT where it feeds a low-bit layer,
+        else ReLU + 8-bit), otherwise the output itself is 8-bit."""
+        users = list(node.users)
+        if len(users) == 1 and _is(users[0], self.modules, RELU):
+            relu = users[0]
+            self.fused.add(relu)
+            if self.act_bits < 8 and self._feeds_low_bit(relu):
+                pact = PACTReLU(self.act_bits, l2=self.alpha_l2)
+                self.quantizer[self._replace(relu, pact)] = pact
+            else:
+                self._after(relu, ActQuant8())
         else:
-            out.append(layer)
-    return out
+            self._after(node, ActQuant8())
+
+    def _feeds_low_bit(self, node: fx.Node) -> bool:
+        """Whether a low-bit layer reads `node`, directly or through ops that keep its codes."""
+        stack = list(node.users)
+        while stack:
+            user = stack.pop()
+            if user in self.low:
+                return True
+            if _is(user, self.modules, KEEP_CODES) or _is(user, self.modules, PASS):
+                stack.extend(user.users)
+        return False
 
 
 def _swap(layer: nn.Module, bits: int) -> nn.Module:
@@ -311,61 +426,16 @@ def _swap(layer: nn.Module, bits: int) -> nn.Module:
     return new
 
 
-def prepare(model: nn.Module, bits: int = 2, keep_8bit=("first", "last"), act_bits: int | None = None,
-            alpha_l2: float = 0.0) -> nn.Sequential:
-    """A QAT copy of a Sequential model: BN folded, Conv2d (groups 1) / Linear swapped for SAWB ``bits``-bit
-    layers (``keep_8bit``: "first", "last" and/or positions among the weighted layers stay int8), each ReLU
-    feeding a low-bit layer replaced by PACT (``act_bits``, default ``bits``; ``alpha_l2``: its alpha^2 penalty),
-    uint8 fake quant on the other quantized tensors: the placement of edgeq's w2a2 annotate pass.  Call
-    :func:`calibrate` before training."""
-    act_bits = bits if act_bits is None else act_bits
-    layers = _fold_bn([copy.deepcopy(m) for m in _leaves(model)])
-    for layer in layers:
-        if not isinstance(layer, (nn.Conv2d, nn.Linear, nn.ReLU, *_SHAPE_ONLY)):
-            raise ValueError(f"prepare: unsupported layer {type(layer).__name__}")
-    weighted = [i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not weighted:
-        raise ValueError("prepare: no Conv2d/Linear layer")
-    keep = {weighted[0] if k == "first" else weighted[-1] if k == "last" else weighted[k] for k in keep_8bit}
-    low = {i for i in weighted if bits < 8 and i not in keep  # grouped convs stay 8-bit, as in annotate.py
-           and not (isinstance(layers[i], nn.Conv2d) and layers[i].groups != 1)}
-
-    def next_weighted(i):
-        """The weighted layer reading layer i's output through shape-only layers, or None."""
-        for j in range(i + 1, len(layers)):
-            if j in weighted:
-                return j
-            if not isinstance(layers[j], _SHAPE_ONLY):
-                return None
-        return None
-
-    out: list[nn.Module] = []
-    quantizer = None  # the quantizer of the tensor flowing now (None: float)
-    for i, layer in enumerate(layers):
-        if i in weighted:
-            if quantizer is None:
-                quantizer = ActQuant8()
-                out.append(quantizer)
-            out.append(_swap(layer, bits if i in low else 8))
-            if not (i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)):
-                quantizer = ActQuant8()  # output without a fused ReLU (logits): 8-bit
-                out.append(quantizer)
-        elif isinstance(layer, nn.ReLU):
-            if i - 1 in weighted and next_weighted(i) in low:
-                quantizer = PACTReLU(act_bits, l2=alpha_l2)
-                out.append(quantizer)
-            else:
-                quantizer = ActQuant8()
-                out += [layer, quantizer]
-        else:  # shape-only
-            out.append(layer)
-            if quantizer is not None and not isinstance(layer, (nn.Dropout, nn.Identity)):
-                out.append(Requant(quantizer))
-    return nn.Sequential(*out)
+def called_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules a prepared model calls, in the order it calls them."""
+    if not isinstance(model, fx.GraphModule):
+        return list(model.modules())
+    return [model.get_submodule(n.target) for n in model.graph.nodes if n.op == "call_module"]
 
 
 def quantizers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (PACTReLU, ActQuant8))]
+    """The PACT and 8-bit activation quantizers, in call order."""
+    return list({id(m): m for m in called_modules(model) if isinstance(m, (PACTReLU, ActQuant8))}.values())
 
 
 @torch.no_grad()

@@ -113,12 +113,16 @@ def test_prepare_places_quantizers_like_the_w2a2_annotate_pass():
         fp32.train()(x * 3)
     fp32.eval()
     model = qat.prepare(fp32, bits=2)
-    weighted = [m for m in model if isinstance(m, (qat.QConv2d, qat.QLinear))]
+    called = qat.called_modules(model)
+    weighted = [m for m in called if isinstance(m, (qat.QConv2d, qat.QLinear))]
     assert [m.bits for m in weighted] == [8, 2, 2, 8]  # first and last stay 8-bit
-    assert [type(m).__name__ for m in model].count("PACTReLU") == 2  # the ReLUs feeding the 2-bit convs
+    assert [type(m).__name__ for m in called] == [
+        "ActQuant8", "QConv2d", "PACTReLU",  # the input; the first (8-bit) conv, its ReLU feeding a 2-bit conv
+        "QConv2d", "PACTReLU", "MaxPool2d", "Requant",  # 2-bit conv, PACT feeding the next one (behind a pool)
+        "QConv2d", "ReLU", "ActQuant8", "MaxPool2d", "Requant", "Flatten", "Requant", "QLinear", "ActQuant8"]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     folded = qat.prepare(fp32, bits=8, keep_8bit=())
-    for m in folded:
+    for m in qat.called_modules(folded):
         if isinstance(m, qat.ActQuant8):
             m.forward = lambda t: t  # no fake quant: BN folding alone must not change the outputs
         elif isinstance(m, (qat.QConv2d, qat.QLinear)):
@@ -134,7 +138,7 @@ def test_export_builds_to_bit_serial_kernels_equal_to_onnxruntime(tmp_path):
     qat.fine_tune(model, data, torch.from_numpy(rng.integers(0, 10, 64)), epochs=2)  # alphas move off calibration
     proto = qat.export(model, tmp_path / "qat.onnx", data[:1])
     clips = pact.find_pact_clips(proto)
-    alphas = [float(m.alpha.detach()) for m in model if isinstance(m, qat.PACTReLU)]
+    alphas = [float(m.alpha.detach()) for m in qat.quantizers(model) if isinstance(m, qat.PACTReLU)]
     assert [c.bits for c in clips] == [2, 2] and [c.alpha for c in clips] == pytest.approx(alphas, rel=1e-6)
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     low = [inits[n.input[0]] for n in proto.graph.node if n.op_type == "DequantizeLinear"
@@ -146,7 +150,7 @@ def test_export_builds_to_bit_serial_kernels_equal_to_onnxruntime(tmp_path):
     images = rng.uniform(0, 1, (40, 3, 8, 8)).astype(np.float32)
     ours = np.concatenate([artifact.run({"input": images[i:i + 1]})["output"] for i in range(len(images))])
     oracle = ort_outputs(proto, {"input": images})[0]
-    step = model[-1].qparams()[0]  # the output's quantization step
+    step = qat.quantizers(model)[-1].qparams()[0]  # the output's quantization step
     assert np.abs(ours - oracle).max() <= step * 1.001  # integer kernels vs float fake quant: a rounding tie at most
     assert np.mean(ours == oracle) > 0.97 and np.unique(ours).size > 20  # measured: all equal
 
@@ -194,3 +198,81 @@ def _digits_training_split():
     y = digits.target.astype(np.int64)
     x_tr, _, y_tr, _ = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     return x_tr, y_tr
+
+
+# ----------------------------------------------------------------------------------------------- residual
+class _ResidualDigits(nn.Module):
+    """A small ResNet for the 8x8 digits: identity and projection shortcuts, functional ReLUs and +=, the forms
+    torchvision's ResNets use."""
+
+    def __init__(self):
+        super().__init__()
+
+        def conv_bn(cin, cout, k=3, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(1, 16)
+        self.a1, self.a2 = conv_bn(16, 16), conv_bn(16, 16)
+        self.b1, self.b2, self.down = conv_bn(16, 32, stride=2), conv_bn(32, 32), conv_bn(16, 32, 1, 2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        out = self.a2(nn.functional.relu(self.a1(x)))
+        out += x
+        x = torch.relu(out)
+        x = torch.relu(self.b2(torch.relu(self.b1(x))) + self.down(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_residual_model_w2a2_qat_builds_to_bit_serial_kernels_that_agree_with_onnxruntime(tmp_path):
+    import sys
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x_tr, y_tr = (torch.from_numpy(a) for a in _digits_training_split())
+    test = np.load(DIGITS_TEST)
+    fp32 = _ResidualDigits()
+    qat.fine_tune(fp32, x_tr, y_tr, epochs=8, lr=3e-3)
+    model = qat.calibrate(qat.prepare(fp32, bits=2), x_tr[:256])
+    called = qat.called_modules(model)
+    assert [m.bits for m in called if isinstance(m, (qat.QConv2d, qat.QLinear))] == [8, 2, 2, 2, 2, 2, 8]
+    # ReLUs feeding a 2-bit conv are PACT: after the stem, inside both blocks, after the first residual add (read
+    # by the second block's conv and its projection); the last one feeds the 8-bit head through the pool
+    assert sum(isinstance(m, qat.PACTReLU) for m in called) == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    qat.fine_tune(model, x_tr, y_tr, epochs=4, lr=1e-3)
+    proto = qat.export(model, tmp_path / "residual_w2a2.onnx", torch.zeros(1, 1, 8, 8), "image", "logits")
+    assert _bitserial_kernels(proto) == ["bitserial_qconv2d"] * 5
+    artifact = edgeq.build(proto, "host", tmp_path / "out", input_shapes={"image": (1, 1, 8, 8)})
+    images, labels = test["image"], test["label"]
+    logits = np.concatenate([artifact.run({"image": images[i:i + 1]})["logits"] for i in range(len(images))])
+    oracle = ort_outputs(proto, {"image": images})[0]
+    with torch.no_grad():
+        torch_logits = model.eval()(torch.from_numpy(images)).numpy()
+    accuracy = float(np.mean(logits.argmax(1) == labels))
+    fp32_accuracy = float(np.mean(fp32.eval()(torch.from_numpy(images)).argmax(1).numpy() == labels))
+    print(f"residual digits: fp32 {fp32_accuracy:.4f}, W2A2 QAT built by edgeq {accuracy:.4f}, max |edgeq - ort| "
+          f"{np.abs(logits - oracle).max():.3g} (step {qat.quantizers(model)[-1].qparams()[0]:.3g}), equal {np.mean(logits == oracle):.3f}",
+          file=sys.stderr)
+    step = qat.quantizers(model)[-1].qparams()[0]
+    assert np.abs(logits - oracle).max() <= step and np.mean(logits.argmax(1) == oracle.argmax(1)) >= 0.99
+    assert np.mean(torch_logits.argmax(1) == oracle.argmax(1)) >= 0.99  # the export is the trained model
+    assert accuracy >= 0.95 and accuracy >= fp32_accuracy - 0.03
+
+
+def test_prepare_names_what_it_cannot_handle():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    with pytest.raises(ValueError, match="torch.fx cannot trace"):
+        qat.prepare(Branchy())
+    with pytest.raises(ValueError, match="BatchNorm must directly follow"):
+        qat.prepare(nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3)))
+    with pytest.raises(ValueError, match="no Conv2d/Linear"):
+        qat.prepare(nn.Sequential(nn.ReLU()))
