@@ -128,3 +128,44 @@ def vnni_peak_gmacs() -> float | None:
     steps = 2_000_000
     seconds = min(lib.mod.time_evaluator("main", dev, number=1, repeat=5)(*args, steps).results)
     return steps * chains * 64 / seconds / 1e9
+
+
+def popcount_peak_gmacs(activation_bits: int = 2, weight_bits: int = 2) -> float | None:
+    """The a-bit x w-bit multiply-accumulates per second one core can do bit-serially: a loop of independent
+    (AND, VPOPCNTD, ADD) steps on 512-bit vectors, each counting 512 bit products of one plane pair; a x w plane
+    pairs make 512 multiply-adds. The ceiling of any AND + popcount kernel on this CPU (before packing the
+    activation planes). The AND's operand is XORed with the accumulator so LLVM cannot hoist it out of the loop
+    (the two fuse into one VPTERNLOGD, plus a register copy it needs: a slight underestimate). None where the
+    host has no AVX-512 VPOPCNTDQ."""
+    import tvm
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    import targets
+
+    target = targets.tvm_target(targets.resolve("host"))
+    if not codegen.target_has_features("avx512vpopcntdq", target):
+        return None
+    chains = 12
+
+    @T.prim_func(s_tir=True)
+    def loop(a: T.Buffer((chains, 16), "uint32"), w: T.Buffer((16,), "uint32"), c: T.Buffer((chains, 16), "int32"),
+             steps: T.int32):
+        acc = T.sblock_alloc_buffer((chains, 16), "int32")
+        for k in T.unroll(chains):
+            acc[k, T.ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
+        for _ in range(steps):
+            for k in T.unroll(chains):
+                acc[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)] + T.Cast("int32x16", T.popcount(
+                    (a[k, T.ramp(0, 1, 16)] ^ T.reinterpret("uint32x16", acc[k, T.ramp(0, 1, 16)]))
+                    & w[T.ramp(0, 1, 16)]))
+        for k in T.unroll(chains):
+            c[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)]
+
+    lib = tvm.compile(tvm.IRModule({"main": loop.with_attr("global_symbol", "main")}), target)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.full(shape, 0x5A5A5A5A, dtype) if dtype == "uint32" else np.zeros(shape, dtype))
+            for shape, dtype in (((chains, 16), "uint32"), ((16,), "uint32"), ((chains, 16), "int32"))]
+    steps = 2_000_000
+    seconds = min(lib.mod.time_evaluator("main", dev, number=1, repeat=5)(*args, steps).results)
+    return steps * chains * 512 / (activation_bits * weight_bits) / seconds / 1e9

@@ -99,6 +99,19 @@ def latencies(artifacts: dict, feed: dict, threads: int, repeat: int = 10, round
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
+def ceilings() -> str:
+    """What this core can do at most, int8 (VNNI) against bit-serial W2A2, measured by harness.py."""
+    vnni, popcount = harness.vnni_peak_gmacs(), harness.popcount_peak_gmacs()
+    if vnni is None or popcount is None:
+        return "(no AVX-512 VNNI / VPOPCNTDQ here: ceilings not measured)"
+    return (f"Ceilings of one core (benchmarks/harness.py, instruction loops with nothing else): int8 `vpdpbusd` "
+            f"{vnni:.0f} GMAC/s (64 multiply-adds per instruction); bit-serial W2A2 {popcount:.0f} GMAC/s (per 512 "
+            f"channels, 4 plane pairs of AND + VPOPCNTD + ADD: 12 instructions for 512 multiply-adds). With both "
+            f"kernels at their ceiling w2a2 / int8 would be {vnni / popcount:.2f}×, so the 0.6× goal is out of "
+            "reach on a CPU with VNNI; bit-serial pays where the int8 path has no dot-product instruction (the "
+            "Pi 4's Cortex-A72 has no `sdot`).")
+
+
 def host_features() -> str:
     """Which of the dot-product / popcount features LLVM sees on this host."""
     import tvm
@@ -261,11 +274,7 @@ def main() -> None:
              "w2a2 GMAC/s", "w2a2 low-bit kernel", "max diff vs ORT (output steps)"], rows),
         "",
         f"Geometric mean w2a2 / int8: **{geo:.2f}×** (goal ≤ 0.6×: {'met' if geo <= 0.6 else 'not met'}). "
-        f"Host CPU features: {host_features()}. Instruction count explains the direction: a 512-bit "
-        "`vpdpbusd` does 64 8-bit multiply-adds; a 2×2-bit product over 512 channels takes 4 plane pairs × "
-        "(AND + VPOPCNT + shift-add), about 12 instructions for 512 multiply-adds (~43 per instruction), "
-        "before the activation packing pass. Bit-serial wins where the int8 path lacks a dot-product "
-        "instruction, not against VNNI.",
+        f"Host CPU features: {host_features()}. {ceilings()}",
         "",
         "## On the (emulated) Raspberry Pi 4",
         "",
