@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ops
 from .graph import Graph, Node
 
 DATA = (0, 2, 3, 1)  # NCHW array -> NHWC
@@ -19,9 +20,6 @@ WEIGHT = (2, 3, 1, 0)  # OIHW -> HWIO
 AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -1: 2, -2: 1, -3: 3, -4: 0}  # an NCHW axis -> the same axis in NHWC
 NHWC_CONV = {"data_layout": "NHWC", "kernel_layout": "HWIO", "out_layout": "NHWC"}
 POOL = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d")
-ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
-               "relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.clip", "relax.nn.gelu", "relax.nn.silu",
-               "relax.exp", "relax.sqrt", "relax.negative")
 
 
 def _axis_attrs(attrs: dict) -> dict:
@@ -38,7 +36,7 @@ ATTRS = {
     "edgeq.conv2d": lambda attrs: {**attrs, **NHWC_CONV},
     **{op: lambda attrs: {**attrs, "layout": "NHWC", "out_layout": "NHWC"} for op in POOL},
     **{op: _axis_attrs for op in ("relax.concat", "relax.split", "relax.mean", "relax.sum", "relax.max")},
-    **{op: dict for op in ELEMENTWISE},
+    **{op: dict for op in ops.ELEMENTWISE},
 }
 
 

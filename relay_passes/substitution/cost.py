@@ -31,9 +31,6 @@ VIEWS = ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")
 TIE_BREAK = 1e-3  # weight of the analytic cost added to a measured one
 BATCH = 64  # kernels measured per compile
 MEASURED_AS = "channels-last"  # in cache keys: timings taken before kernels were measured channels-last differ
-# ops FuseOps puts into the kernel of the op producing their input (elementwise / broadcast)
-ELEMENTWISE = ops.ELEMENTWISE_BINARY + tuple(ops.ACTIVATIONS) + ("relax.clip", "relax.nn.gelu", "relax.nn.silu",
-                                                                 "relax.exp", "relax.sqrt", "relax.negative")
 
 
 def _elems(shape) -> int:
@@ -103,7 +100,7 @@ def fusion_groups(g: Graph) -> list[list[int]]:
     for nid in g.op_ids():
         node = g.nodes[nid]
         home = None
-        if node.op in ELEMENTWISE and hasattr(node.ty, "shape"):
+        if node.op in ops.ELEMENTWISE and hasattr(node.ty, "shape"):
             for i in node.inputs:
                 grp = group_of.get(i)
                 if (grp is not None and grp[-1] == i and users[i] == [nid] and i != g.output

@@ -14,6 +14,9 @@ from tvm import relax
 
 ACTIVATIONS = {"relax.nn.relu": relax.op.nn.relu, "relax.sigmoid": relax.op.sigmoid, "relax.tanh": relax.op.tanh}
 ELEMENTWISE_BINARY = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+# ops FuseOps puts into the kernel of the op producing their input (elementwise / broadcast)
+ELEMENTWISE = ELEMENTWISE_BINARY + tuple(ACTIVATIONS) + ("relax.clip", "relax.nn.gelu", "relax.nn.silu", "relax.exp",
+                                                         "relax.sqrt", "relax.negative")
 CONV_LAYOUT = {"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}
 
 
