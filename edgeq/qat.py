@@ -346,7 +346,7 @@ class _Placement:
                 self._quantize_inputs(args[:1])
                 layer = self.modules[node.target]
                 self._output(self._replace(node, _swap(layer, self.bits_of(node))))
-            elif _is(node, self.modules, ADD) and len(args) == 2:
+            elif _is(node, self.modules, ADD) and len(args) == 2 and all(a.op != "get_attr" for a in args):
                 self._quantize_inputs(args)
                 self._output(node)
             elif args[0] not in self.quantizer:
