@@ -92,42 +92,23 @@ def _attr(node, name, default=0):
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+CHAINS = 12  # independent accumulators in the instruction loops below: enough to hide every latency
+
+
 def vnni_peak_gmacs() -> float | None:
     """The int8 multiply-accumulates per second one core issues in a loop of independent AVX-512 VNNI
     ``vpdpbusd`` (12 chains of 64 u8 x s8 products each): the ceiling of any int8 conv on this CPU.
     None where the host has no AVX-512 VNNI."""
-    import tvm
     from tvm.script import tirx as T
-    from tvm.target import codegen
 
-    import targets
+    @T.macro
+    def step(acc, a, b, k):
+        acc[k, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[k, T.ramp(0, 1, 16)], a[k, T.ramp(0, 1, 64)],
+            b[T.ramp(0, 1, 64)])
 
-    target = targets.tvm_target(targets.resolve("host"))
-    if not codegen.target_has_features("avx512vnni", target):
-        return None
-    chains = 12
-
-    @T.prim_func(s_tir=True)
-    def loop(a: T.Buffer((chains, 64), "uint8"), b: T.Buffer((64,), "int8"), c: T.Buffer((chains, 16), "int32"),
-             steps: T.int32):
-        acc = T.sblock_alloc_buffer((chains, 16), "int32")
-        for k in T.unroll(chains):
-            acc[k, T.ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
-        for _ in range(steps):
-            for k in T.unroll(chains):
-                acc[k, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
-                    "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[k, T.ramp(0, 1, 16)], a[k, T.ramp(0, 1, 64)],
-                    b[T.ramp(0, 1, 64)])
-        for k in T.unroll(chains):
-            c[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)]
-
-    lib = tvm.compile(tvm.IRModule({"main": loop.with_attr("global_symbol", "main")}), target)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ones(shape, dtype)) for shape, dtype in
-            (((chains, 64), "uint8"), ((64,), "int8"), ((chains, 16), "int32"))]
-    steps = 2_000_000
-    seconds = min(lib.mod.time_evaluator("main", dev, number=1, repeat=5)(*args, steps).results)
-    return steps * chains * 64 / seconds / 1e9
+    operands = [np.ones((CHAINS, 64), np.uint8), np.ones(64, np.int8)]
+    return _loop_gmacs("avx512vnni", step, operands, macs_per_step=CHAINS * 64)
 
 
 def popcount_peak_gmacs(activation_bits: int = 2, weight_bits: int = 2) -> float | None:
@@ -137,6 +118,21 @@ def popcount_peak_gmacs(activation_bits: int = 2, weight_bits: int = 2) -> float
     activation planes). The AND's operand is XORed with the accumulator so LLVM cannot hoist it out of the loop
     (the two fuse into one VPTERNLOGD, plus a register copy it needs: a slight underestimate). None where the
     host has no AVX-512 VPOPCNTDQ."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def step(acc, a, w, k):
+        acc[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)] + T.Cast("int32x16", T.popcount(
+            (a[k, T.ramp(0, 1, 16)] ^ T.reinterpret("uint32x16", acc[k, T.ramp(0, 1, 16)])) & w[T.ramp(0, 1, 16)]))
+
+    operands = [np.full((CHAINS, 16), 0x5A5A5A5A, np.uint32), np.full(16, 0x5A5A5A5A, np.uint32)]
+    return _loop_gmacs("avx512vpopcntdq", step, operands,
+                       macs_per_step=CHAINS * 512 / (activation_bits * weight_bits))
+
+
+def _loop_gmacs(feature: str, step, operands: list, macs_per_step: float, steps: int = 2_000_000) -> float | None:
+    """GMAC/s of `steps` rounds of the T.macro `step(acc, a, b, k)` on CHAINS int32x16 accumulators (operands a, b),
+    built for this host, best of 5 runs; None where the host lacks the LLVM `feature` it needs."""
     import tvm
     from tvm.script import tirx as T
     from tvm.target import codegen
@@ -144,28 +140,23 @@ def popcount_peak_gmacs(activation_bits: int = 2, weight_bits: int = 2) -> float
     import targets
 
     target = targets.tvm_target(targets.resolve("host"))
-    if not codegen.target_has_features("avx512vpopcntdq", target):
+    if not codegen.target_has_features(feature, target):
         return None
-    chains = 12
+    (a_shape, a_dtype), (b_shape, b_dtype) = ((x.shape, str(x.dtype)) for x in operands)
 
     @T.prim_func(s_tir=True)
-    def loop(a: T.Buffer((chains, 16), "uint32"), w: T.Buffer((16,), "uint32"), c: T.Buffer((chains, 16), "int32"),
-             steps: T.int32):
-        acc = T.sblock_alloc_buffer((chains, 16), "int32")
-        for k in T.unroll(chains):
+    def loop(a: T.Buffer(a_shape, a_dtype), b: T.Buffer(b_shape, b_dtype), c: T.Buffer((CHAINS, 16), "int32"),
+             rounds: T.int32):
+        acc = T.sblock_alloc_buffer((CHAINS, 16), "int32")
+        for k in T.unroll(CHAINS):
             acc[k, T.ramp(0, 1, 16)] = T.Broadcast(T.int32(0), 16)
-        for _ in range(steps):
-            for k in T.unroll(chains):
-                acc[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)] + T.Cast("int32x16", T.popcount(
-                    (a[k, T.ramp(0, 1, 16)] ^ T.reinterpret("uint32x16", acc[k, T.ramp(0, 1, 16)]))
-                    & w[T.ramp(0, 1, 16)]))
-        for k in T.unroll(chains):
+        for _ in range(rounds):
+            for k in T.unroll(CHAINS):
+                step(acc, a, b, k)
+        for k in T.unroll(CHAINS):
             c[k, T.ramp(0, 1, 16)] = acc[k, T.ramp(0, 1, 16)]
 
     lib = tvm.compile(tvm.IRModule({"main": loop.with_attr("global_symbol", "main")}), target)
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.full(shape, 0x5A5A5A5A, dtype) if dtype == "uint32" else np.zeros(shape, dtype))
-            for shape, dtype in (((chains, 16), "uint32"), ((16,), "uint32"), ((chains, 16), "int32"))]
-    steps = 2_000_000
-    seconds = min(lib.mod.time_evaluator("main", dev, number=1, repeat=5)(*args, steps).results)
-    return steps * chains * 512 / (activation_bits * weight_bits) / seconds / 1e9
+    args = [tvm.runtime.tensor(x) for x in (*operands, np.zeros((CHAINS, 16), np.int32))]
+    seconds = min(lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=5)(*args, steps).results)
+    return steps * macs_per_step / seconds / 1e9
