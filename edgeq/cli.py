@@ -41,20 +41,12 @@ def cmd_compile(args) -> None:
     from . import build
     from .tensors import parse_input_shapes
 
-    options = {"percentile": args.percentile} if args.percentile is not None else {}
-    if args.percentile is not None and args.calib_method != "percentile":
-        raise EdgeqError("--percentile applies to --calib-method percentile only")
-    low_bit = args.quantize not in (None, "int8")
-    if args.fpsc and not low_bit:
-        raise EdgeqError("--fpsc applies to the low-bit modes (--quantize w2a2, w2a8 or w4a4)")
+    options = _quantize_options(args)
     artifact = build(args.model, target=args.target, out_dir=args.output,
                      input_shapes=parse_input_shapes(args.input_shape), progress=True,
-                     quantize=args.quantize, calibration=args.calib, calib_method=args.calib_method,
-                     exclude=tuple(x for item in args.exclude or [] for x in item.split(",") if x),
-                     per_channel=not args.per_tensor, tuning_db=args.tuning_db, shipped_tuning=not args.no_shipped_tuning,
-                     substitute=_substitute_options(args) if args.substitute else None,
-                     **({"keep_8bit": _keep_8bit(args.keep_8bit), "fpsc": args.fpsc} if low_bit else {}),
-                     **options)
+                     quantize=args.quantize, calibration=args.calib, calib_method=options.pop("method"),
+                     tuning_db=args.tuning_db, shipped_tuning=not args.no_shipped_tuning,
+                     substitute=_substitute_options(args) if args.substitute else None, **options)
     m = artifact.manifest
     q = m["quantization"]
     mode = q["mode"] if q["mode"] == "fp32" else (
@@ -70,8 +62,21 @@ def cmd_compile(args) -> None:
               "on that work dir again (no new trials) to time them", file=sys.stderr)
 
 
-def _keep_8bit(text: str) -> tuple[str, ...]:
-    return () if text.strip() == "none" else tuple(x for x in text.split(",") if x)
+def _quantize_options(args) -> dict:
+    """The quantization flags (quantization_flags) as keyword arguments of edgeq.quantize."""
+    if args.percentile is not None and args.calib_method != "percentile":
+        raise EdgeqError("--percentile applies to --calib-method percentile only")
+    low_bit = args.quantize not in (None, "int8")
+    if args.fpsc and not low_bit:
+        raise EdgeqError("--fpsc applies to the low-bit modes (--quantize w2a2, w2a8 or w4a4)")
+    options = {"method": args.calib_method, "per_channel": not args.per_tensor,
+               "exclude": tuple(x for item in args.exclude or [] for x in item.split(",") if x)}
+    if args.percentile is not None:
+        options["percentile"] = args.percentile
+    if low_bit:
+        keep = args.keep_8bit.strip()
+        options.update(keep_8bit=() if keep == "none" else tuple(x for x in keep.split(",") if x), fpsc=args.fpsc)
+    return options
 
 
 def _substitute_options(args) -> dict:
@@ -130,7 +135,7 @@ def cmd_tune(args) -> None:
         if args.quantize:
             if not args.calib:
                 raise EdgeqError(f"--quantize {args.quantize} needs calibration data (--calib)")
-            qdq = quantize(model, args.calib, args.calib_method, progress=True, mode=args.quantize).qdq
+            qdq = quantize(model, args.calib, progress=True, mode=args.quantize, **_quantize_options(args)).qdq
         result = _tune_one(args, model, preset, qdq, args.work_dir)
     print(f"database: {result.directory} ({result.trials_run} trials this run); "
           f"apply it with: edgeq compile {args.model} --target {args.target} --tuning-db {args.work_dir} -o OUT")
@@ -428,27 +433,31 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     shape_help = "fix a dynamic input shape, e.g. image=1x3x224x224 (repeatable)"
+
+    def quantization_flags(p, quantize_help):
+        """compile's and tune's quantization flags: tuning must see the kernels the build will compile."""
+        p.add_argument("--quantize", choices=QUANTIZE_MODES, help=quantize_help)
+        p.add_argument("--keep-8bit", metavar="LAYERS", default="first,last",
+                       help="low-bit modes: layers kept at 8 bits: 'first', 'last', node names (comma-separated; "
+                       "'none' for none)")
+        p.add_argument("--fpsc", action="store_true", help="low-bit modes: keep residual shortcuts at 8 bits (Choi "
+                       "et al.'s fpsc): shortcut convs (e.g. a 1x1 downsample) and the tensors into and out of "
+                       "residual Adds")
+        p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz (keys = input names, samples on "
+                       "axis 0) or a directory of .npy/.npz batches")
+        p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+        p.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
+        p.add_argument("--exclude", action="append", metavar="NODES",
+                       help="keep these in float: node names, op types, 'first', 'last' (comma-separated, repeatable)")
+        p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p = command("compile", cmd_compile, "compile an ONNX model into an artifact directory")
     p.add_argument("model", help="model.onnx")
     p.add_argument("--target", default="host", help="preset name (see `edgeq targets`) or a raw TVM target JSON")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize with calibration data (--calib): int8 "
-                   "(w8a8), or SAWB weights / PACT activations at 2 or 4 bits (w2a2, w2a8, w4a4) on bit-serial "
-                   "popcount kernels; models that are already quantized (QDQ / QLinear ops) are compiled to integer "
-                   "kernels without this flag")
-    p.add_argument("--keep-8bit", metavar="LAYERS", default="first,last",
-                   help="low-bit modes: layers kept at 8 bits: 'first', 'last', node names (comma-separated; "
-                   "'none' for none)")
-    p.add_argument("--fpsc", action="store_true", help="low-bit modes: keep residual shortcuts at 8 bits (Choi et "
-                   "al.'s fpsc): shortcut convs (e.g. a 1x1 downsample) and the tensors into and out of residual Adds")
-    p.add_argument("--calib", metavar="DATA", help="calibration inputs: .npz (keys = input names, samples on "
-                   "axis 0) or a directory of .npy/.npz batches")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
-    p.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
-    p.add_argument("--exclude", action="append", metavar="NODES",
-                   help="keep these in float: node names, op types, 'first', 'last' (comma-separated, repeatable)")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    quantization_flags(p, "quantize with calibration data (--calib): int8 (w8a8), or SAWB weights / PACT "
+                       "activations at 2 or 4 bits (w2a2, w2a8, w4a4) on bit-serial popcount kernels; models that "
+                       "are already quantized (QDQ / QLinear ops) are compiled to integer kernels without this flag")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the records of an `edgeq tune` work dir for this target")
     p.add_argument("--no-shipped-tuning", action="store_true",
                    help="do not use the pre-tuned records edgeq ships for the preset")
@@ -475,9 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, help="at most this many candidates per kernel")
     p.add_argument("--per-iteration", type=int, default=16, help="candidates measured per search round")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, help="tune the quantized model's kernels (needs --calib)")
-    p.add_argument("--calib", metavar="DATA", help="calibration inputs for --quantize")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    quantization_flags(p, "tune the kernels of the model quantized as `edgeq compile` with the same flags would "
+                          "(needs --calib)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on a TVM RPC server (no authentication)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="measure on a device from a TVM RPC tracker")
     p.add_argument("--key", help="the device key registered with the tracker")

@@ -351,3 +351,29 @@ def test_tuning_a_cross_target_needs_a_device(tmp_path, cli):
     assert code == 2 and "tune it on the device with --rpc" in err
     code, _, err = cli("compile", tmp_path / "conv.onnx", "--tuning-db", tmp_path / "nothing", "-o", tmp_path / "o")
     assert code == 2 and "no tuning database for host-" in err and not (tmp_path / "o").exists()
+
+
+def test_tune_quantizes_the_model_as_compile_does(tmp_path, cli):
+    """`edgeq tune --quantize` takes compile's quantization flags, so it tunes the kernels the build will compile:
+    with --keep-8bit first the last conv of a w2a2 model is bit-serial, and that is the kernel tuned."""
+    import zoo
+
+    from edgeq.cli import _parser
+
+    commands = {name: set(p._option_string_actions) for name, p in
+                _parser()._subparsers._group_actions[0].choices.items() if name in ("compile", "tune")}
+    quantization = {"--quantize", "--keep-8bit", "--fpsc", "--calib", "--calib-method", "--percentile", "--exclude",
+                    "--per-tensor"}
+    assert quantization <= commands["compile"] and quantization <= commands["tune"]
+    g = zoo._Graph(0)
+    out = g.op("Relu", g.conv(g.op("Relu", g.conv("x", 4, 16)), 16, 16))
+    onnx.save(zoo._model(g.nodes, {"x": [1, 4, 8, 8]}, {out: None}, g.inits), tmp_path / "two.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
+    args = ["tune", tmp_path / "two.onnx", "--trials", "0", "--work-dir", tmp_path / "w", "--calib",
+            tmp_path / "calib.npz", "--quantize", "w2a2"]
+    code, out_text, _ = cli(*args, "--keep-8bit", "first")
+    assert code == 0 and "bitserial_qconv2d" in out_text
+    code, out_text, _ = cli(*args)  # first and last 8-bit (the default): both convs int8
+    assert code == 0 and "bitserial" not in out_text and "qconv2d" in out_text
+    code, _, err = cli(*args[:-1], "int8", "--fpsc")
+    assert code == 2 and "--fpsc applies to the low-bit modes" in err
