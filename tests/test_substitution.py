@@ -349,6 +349,9 @@ def test_kernels_are_timed_channels_last_as_the_cpu_build_runs_them():
     kernel = _graph(load_onnx(_onnx(lambda g: g.op("Reshape", "x", g.const(np.array([1, 4, 36, 1], np.int64))),
                                     {"x": X})).mod)
     assert channels_last(kernel) is kernel
+    # nor does an operand of another rank: [6] added to NCHW data broadcasts along W, not along the channels
+    kernel = _graph(load_onnx(_onnx(lambda g: g.op("Add", g.conv("x", 4, 6), g.rand(6)), {"x": X})).mod)
+    assert channels_last(kernel) is kernel
 
 
 def test_verify_catches_a_wrong_rule():

@@ -42,8 +42,11 @@ ATTRS = {
 
 def channels_last(g: Graph) -> Graph:
     """`g` (one kernel: inputs, constants, its ops) with its 4-D tensors NHWC; `g` itself when one of its ops
-    has no channels-last form here, or it has no 4-D tensor."""
-    if any(g.nodes[i].op not in ATTRS for i in g.op_ids()) or not any(_is_4d(g.nodes[i]) for i in g.topo()):
+    has no channels-last form here, it has no 4-D tensor, or an operand of another rank (a [W] vector
+    broadcast along NCHW's last axis would broadcast along the channels)."""
+    leaves = [g.nodes[i] for i in g.topo() if g.nodes[i].op in ("input", "const")]
+    if (any(g.nodes[i].op not in ATTRS for i in g.op_ids()) or not any(_is_4d(n) for n in leaves)
+            or any(not _is_4d(n) and _elements(n) > 1 for n in leaves)):
         return g
     from tvm import relax
 
@@ -68,6 +71,11 @@ def channels_last(g: Graph) -> Graph:
             new[nid] = out.op(node.op, inputs, **ATTRS[node.op](node.attrs))
     out.output = new[g.output]
     return out
+
+
+def _elements(node: Node) -> int:
+    shape = getattr(node.ty, "shape", None)
+    return int(np.prod([int(d) for d in shape.values])) if shape is not None and hasattr(shape, "values") else 2
 
 
 def _is_4d(node: Node) -> bool:
