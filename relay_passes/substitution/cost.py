@@ -227,8 +227,9 @@ class CostModel:
         in_a, in_b = ({self._measured_key(g, group): (g, group) for group in self.groups(g)} for g in (a, b))
         differing = {key: kernel for key, kernel in {**in_a, **in_b}.items()
                      if key is not None and (key in in_a) != (key in in_b)}
+        held = [key for key in differing if key in self._timers]  # the others are compiled and timed just now
         self._measure([kernel for key, kernel in differing.items() if key not in self._timers], again=True)
-        self.table.update((key, self._timers[key]()) for key in differing if key in self._timers)
+        self.table.update((key, self._timers[key]()) for key in held)
         if differing:
             self._memo.clear()
         return self(a), self(b)
@@ -295,12 +296,7 @@ def _measurable(node: Node) -> bool:
 
 def measure(g: Graph, nids, target, repeat: int = 5) -> float:
     """Best-of-`repeat` ms of the op (or fused group of ops, the last one the output) compiled alone."""
-    return measure_many([(g, [nids] if isinstance(nids, int) else list(nids))], target, repeat)[0]
-
-
-def measure_many(kernels, target, repeat: int = 5) -> list[float]:
-    """Best-of-`repeat` ms of each (graph, group), all compiled as one module (compile_kernels)."""
-    return [timer(repeat) for timer in compile_kernels(kernels, target)]
+    return compile_kernels([(g, [nids] if isinstance(nids, int) else list(nids))], target)[0](repeat)
 
 
 def compile_kernels(kernels, target) -> list:
@@ -371,4 +367,4 @@ def can_measure(preset) -> bool:
     return not preset.is_gpu and preset.arch == host_arch() and "android" not in str(preset.target.get("mtriple", ""))
 
 
-__all__ = ["CostModel", "analytic", "flops", "signature", "fusion_groups", "group_signature", "measure", "measure_many", "compile_kernels", "can_measure", "default_cache_path"]
+__all__ = ["CostModel", "analytic", "flops", "signature", "fusion_groups", "group_signature", "measure", "compile_kernels", "can_measure", "default_cache_path"]
