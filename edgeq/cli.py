@@ -430,6 +430,8 @@ def _parser() -> argparse.ArgumentParser:
     def command(name, func, help):
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        # after the command too (edgeq compile m.onnx --verbose); SUPPRESS keeps a --verbose given before it
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         return p
 
     shape_help = "fix a dynamic input shape, e.g. image=1x3x224x224 (repeatable)"

@@ -4,6 +4,7 @@ The CLI prints its message as one line and exits with code 2; anything else is a
 """
 
 import contextlib
+import re
 import signal
 import threading
 
@@ -14,9 +15,16 @@ class EdgeqError(Exception):
     exit_code = 2
 
 
+# A TVM log line ("[08:12:55] /project/src/relax/ir/block_builder.cc:67: Warning: ...") that TVM's C++ code
+# printed into the message it raised: never the reason, and never to be shown as the message.
+_TVM_LOG_LINE = re.compile(r"^\s*\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
 def one_line(error: BaseException, limit: int = 400) -> str:
-    """An exception's message on one line; long TVM messages keep their end, where the reason is."""
-    text = " ".join(str(error).split())
+    """An exception's message on one line, without TVM log lines; long TVM messages keep their end, where the
+    reason is."""
+    lines = [line for line in str(error).splitlines() if not _TVM_LOG_LINE.match(line)]
+    text = " ".join(" ".join(lines).split()) or type(error).__name__
     return text if len(text) <= limit else "…" + text[-limit:]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,6 +13,9 @@ import numpy as np
 import onnx
 
 from .errors import EdgeqError, one_line
+from .rewrites import rewrite
+from .simplify import simplify
+from .support import refusals, signature_refusals
 from .tensors import TensorSpec
 
 
@@ -74,6 +79,8 @@ def _fix_inputs(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> l
     for value in inputs:
         tensor = value.type.tensor_type
         dims = tensor.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in dims):
+            raise EdgeqError(f"input {value.name!r} has a dimension of size 0: edgeq compiles non-empty tensors")
         if value.name in shapes:
             shape = shapes[value.name]
             fixed = [d.dim_value for d in dims]
@@ -154,16 +161,56 @@ def _output_specs(mod, graph: onnx.GraphProto) -> list[TensorSpec]:
     return specs
 
 
-def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
+class _NodeError(Exception):
+    """A converter failed: which node, of which op, and why."""
+
+    def __init__(self, op: str, node: str, cause: BaseException):
+        super().__init__(f"cannot import {op} node {node or '(unnamed)'!r}: {one_line(cause)}")
+
+
+def _import(proto: onnx.ModelProto, inputs: list[TensorSpec], opset: int):
+    """TVM's Relax ONNX importer, with a converter's failure reported with its op and node.
+
+    The importer's own message has neither (it prints the op to stdout, then raises the converter's
+    ValueError / TVMError / OpNotImplemented): its GraphProto's per-node conversion is wrapped instead.
+    """
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    class NamingImporter(ONNXGraphImporter):
+        def _convert_operator(self, op_name, inputs, attr, opset):
+            try:
+                return super()._convert_operator(op_name, inputs, attr, opset)
+            except Exception as e:  # noqa: BLE001 - any converter failure is a property of this node
+                raise _NodeError(op_name, attr.get("tvm_custom", {}).get("name", ""), e) from None
+
+    importer = NamingImporter({s.name: list(s.shape) for s in inputs}, {s.name: s.dtype for s in inputs},
+                              keep_params_in_input=False, sanitize=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return importer.from_onnx(proto.graph, opset)
+    except _NodeError as e:
+        raise EdgeqError(str(e)) from None
+    except Exception as e:  # the importer itself (outside a converter)
+        raise EdgeqError(f"TVM could not import the model: {one_line(e)}") from None
+
+
+def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None, fold: bool = True) -> ImportedModel:
     """Load an ONNX file or ModelProto and import it into Relax with every dim static.
 
-    input_shapes fixes dynamic dims, e.g. {"image": (1, 3, 224, 224)}.
+    input_shapes fixes dynamic dims, e.g. {"image": (1, 3, 224, 224)}. fold=False skips folding the shape
+    arithmetic (edgeq.simplify), for models edgeq derived from one already folded (calibration taps).
     """
     proto, name = read_onnx(model)
     serialized = proto.SerializeToString()
     proto = onnx.ModelProto.FromString(serialized)  # never modify the caller's proto
+    problems = signature_refusals(proto)
+    if problems:
+        raise EdgeqError("; ".join(problems))
     inputs = _fix_inputs(proto.graph, dict(input_shapes or {}))
     proto = _qoperators_to_qdq(proto)
+    proto = rewrite(proto)
+    if fold:
+        proto = simplify(proto)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     except Exception as e:  # InferenceError, or a checker error raised during inference
@@ -172,13 +219,10 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> 
     if missing:
         listing = "; ".join(f"{op} (nodes: {', '.join(nodes)})" for op, nodes in sorted(missing.items()))
         raise EdgeqError(f"unsupported ONNX operators: {listing}")
-    from tvm.relax.frontend.onnx import from_onnx
-
+    problems = refusals(proto)
+    if problems:
+        raise EdgeqError("; ".join(problems))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    try:
-        mod = from_onnx(proto, shape_dict={s.name: list(s.shape) for s in inputs},
-                        dtype_dict={s.name: s.dtype for s in inputs}, keep_params_in_input=False)
-    except Exception as e:  # the converter raises ValueError/TVMError/OpNotImplemented on unsupported attributes
-        raise EdgeqError(f"TVM could not import the model: {one_line(e)}") from None
+    mod = _import(proto, inputs, opset)
     digest = hashlib.sha256(serialized).hexdigest()
     return ImportedModel(mod, inputs, _output_specs(mod, proto.graph), proto, name, digest, opset, serialized)

@@ -200,7 +200,7 @@ def _host_build(path: Path, shapes: dict, taps: list[str], qdq: bool = False):
     inferred = load_onnx(path, shapes).onnx_model  # shape-inferred: with_outputs needs the taps' types
     known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)}
     tapped = with_outputs(inferred, [t for t in taps if t in known])
-    imported = load_onnx(tapped)
+    imported = load_onnx(tapped, fold=False)  # folded above: the taps name tensors of the folded model
     vm = relax.VirtualMachine(compile_module(imported, targets.resolve("host"), tapped if qdq else None), tvm.cpu())
     names = [o.name for o in tapped.graph.output]
 

@@ -133,7 +133,7 @@ def calibrate(model: onnx.ModelProto, tensors: list[str], data, method: str = "m
     from edgeq.errors import raise_if_interrupted
     from edgeq.frontend import load_onnx
 
-    imported = load_onnx(with_outputs(model, tensors))
+    imported = load_onnx(with_outputs(model, tensors), fold=False)  # folded when first loaded
     batches = list(calibration_batches(data, imported.inputs))
     low_bit = low_bit or {}
     bins = {"bins": options["bins"]} if "bins" in options else {}
