@@ -9,7 +9,10 @@ from __future__ import annotations
 from tvm import relax, transform
 
 from .clip_ops import clip_to_ops
+from .conv_transpose import conv_transpose_as_conv
+from .float16_accumulate import float16_accumulate
 from .fold_constants import fold_constants
+from .variadic_ops import variadic_as_pairwise
 
 
 def inference_passes() -> list[transform.Pass]:
@@ -20,6 +23,9 @@ def inference_passes() -> list[transform.Pass]:
     (MobileNetV2 fp32 -6 %).  CanonicalizeBindings first unwraps the importer's ``(y, mean, var)[0]``.
     """
     return [
+        variadic_as_pairwise,
+        conv_transpose_as_conv,
+        float16_accumulate,
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),

@@ -71,7 +71,16 @@ class _Rewriter:
         self.per_axis = True
         return axis
 
+    def float32_scale(self, scale: str) -> str:
+        """A float16 constant scale as a float32 one: the integer op's result is rounded once from exact
+        products; a float16 chain would round every product and partial sum to 11 bits first."""
+        value = self.array(scale)
+        if value is None or value.dtype != np.float16:
+            return scale
+        return self.constant(f"{scale}_float32", value.astype(np.float32))
+
     def dequantize(self, node, tag: str, value: str, scale: str, zero_point: str | None, axis: int | None = None):
+        scale = self.float32_scale(scale)
         out = self.fresh(f"{value}_dequantized")
         inputs = [value, scale] + ([zero_point] if zero_point else [])
         attrs = {} if axis is None else {"axis": axis}
@@ -79,7 +88,7 @@ class _Rewriter:
                                 **attrs), out
 
     def quantize(self, node, value: str, scale: str, zero_point: str, output: str):
-        return helper.make_node("QuantizeLinear", [value, scale, zero_point], [output],
+        return helper.make_node("QuantizeLinear", [value, self.float32_scale(scale), zero_point], [output],
                                 name=self.fresh(f"{node.name}/quantize"))
 
 
