@@ -257,7 +257,15 @@ def test_residual_model_w2a2_qat_builds_to_bit_serial_kernels_that_agree_with_on
           file=sys.stderr)
     step = qat.quantizers(model)[-1].qparams()[0]
     assert np.abs(logits - oracle).max() <= step and np.mean(logits.argmax(1) == oracle.argmax(1)) >= 0.99
-    assert np.mean(torch_logits.argmax(1) == oracle.argmax(1)) >= 0.99  # the export is the trained model
+    # The export is the trained model up to float rounding: a 2-bit activation within rounding error of a tie
+    # between two grid points lands on either, depending on the CPU's float accumulation order (torch's and
+    # onnxruntime's kernels sum in different orders, differently on each CPU), and one flipped step moves the
+    # logits by whole steps. Measured disagreement of the predictions: 0.3 % on AMD Zen 4, 1.4 % on an Intel Xeon.
+    # The integer build is compared exactly above; here the export must predict as torch does on all but a few
+    # samples and be as accurate.
+    torch_accuracy = float(np.mean(torch_logits.argmax(1) == labels))
+    assert np.mean(torch_logits.argmax(1) == oracle.argmax(1)) >= 0.97
+    assert abs(float(np.mean(oracle.argmax(1) == labels)) - torch_accuracy) <= 0.01
     assert accuracy >= 0.95 and accuracy >= fp32_accuracy - 0.03
 
 
