@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .errors import EdgeqError, one_line
+from .recurrent import has_recurrent, unroll_recurrent
 from .rewrites import rewrite
 from .simplify import simplify
 from .support import refusals, signature_refusals
@@ -194,6 +195,13 @@ def _import(proto: onnx.ModelProto, inputs: list[TensorSpec], opset: int):
         raise EdgeqError(f"TVM could not import the model: {one_line(e)}") from None
 
 
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as e:  # InferenceError, or a checker error raised during inference
+        raise EdgeqError(f"ONNX shape inference failed: {one_line(e)}") from None
+
+
 def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None, fold: bool = True) -> ImportedModel:
     """Load an ONNX file or ModelProto and import it into Relax with every dim static.
 
@@ -211,10 +219,9 @@ def load_onnx(model, input_shapes: dict[str, tuple[int, ...]] | None = None, fol
     proto = rewrite(proto)
     if fold:
         proto = simplify(proto)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    except Exception as e:  # InferenceError, or a checker error raised during inference
-        raise EdgeqError(f"ONNX shape inference failed: {one_line(e)}") from None
+    proto = _infer_shapes(proto)
+    if has_recurrent(proto):
+        proto = _infer_shapes(unroll_recurrent(proto))  # needs the sequence length: after folding and inference
     missing = unsupported_ops(proto)
     if missing:
         listing = "; ".join(f"{op} (nodes: {', '.join(nodes)})" for op, nodes in sorted(missing.items()))

@@ -2,7 +2,7 @@
 
 TVM's FoldConstant evaluates every call on constants by legalizing it and compiling it with LLVM, one call at
 a time (~15-25 ms each).  An imported model has hundreds: each BatchNormalization's sqrt/divide/multiply
-chain, the Clip importer's isnan/where on its bounds, the reshape of every conv bias, the weight transposes
+chain, the Clip importer's isnan/where on its bounds, the Gather importer's index normalization (from the static shape_of its data), the reshape of every conv bias, the weight transposes
 of the NHWC conversion (MobileNetV2: 14 s of a 27 s build).  The elementwise and layout ops among them are
 evaluated here with numpy (IEEE float32 like the compiled code, so the constants are the same); whatever is
 left goes to FoldConstant as before.  The default schedule's compile-time weight repacks (``call_tir`` of a
@@ -44,6 +44,15 @@ def _astype(call, x):
     return x.astype(dtype) if np.issubdtype(dtype, np.floating) or x.dtype.kind in "biu" else None
 
 
+def _take(call, x, indices):
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    mode = {"clip": "clip", "wrap": "wrap"}.get(str(call.attrs.mode), "raise")
+    try:
+        return np.take(x, indices, axis=axis, mode=mode)
+    except IndexError:  # "fast" mode out of range: left to the compiled code
+        return None
+
+
 FOLDS = {
     "relax.add": lambda call, a, b: np.add(a, b),
     "relax.subtract": lambda call, a, b: np.subtract(a, b),
@@ -53,6 +62,11 @@ FOLDS = {
     "relax.negative": lambda call, a: np.negative(a),
     "relax.isnan": lambda call, a: np.isnan(a),
     "relax.where": lambda call, c, a, b: np.where(c, a, b),
+    # the Gather importer's index normalization (where(i < 0, i + n, i)) and the weight slices it takes
+    "relax.less": lambda call, a, b: np.less(a, b),
+    "relax.greater_equal": lambda call, a, b: np.greater_equal(a, b),
+    "relax.take": _take,
+    "relax.shape_to_tensor": lambda call, shape: np.array(shape, np.int64),
     "relax.reshape": _reshape,
     "relax.permute_dims": _permute_dims,
     "relax.expand_dims": _expand_dims,
@@ -65,7 +79,14 @@ FOLDS = {
 class _NumpyFolder(relax.PyExprMutator):
     def visit_call_(self, call):  # pylint: disable=arguments-renamed
         call = self.visit_expr_post_order(call)
-        fold = FOLDS.get(getattr(call.op, "name", ""))
+        name = getattr(call.op, "name", "")
+        if name == "relax.shape_of":  # of a statically shaped tensor: its shape, for shape_to_tensor to fold
+            shape = getattr(call.args[0].ty, "shape", None)
+            values = getattr(shape, "values", None)
+            if values is not None and all(isinstance(v, tvm.tirx.IntImm) for v in values):
+                return relax.ShapeExpr([int(v) for v in values])
+            return call
+        fold = FOLDS.get(name)
         ty = call.ty
         if fold is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
             return call
@@ -82,11 +103,11 @@ class _NumpyFolder(relax.PyExprMutator):
     def _value(self, arg):
         """The numpy value of a constant argument (directly, through a binding, or a scalar PrimValue), a static
         shape, else None."""
+        if isinstance(arg, relax.Var):
+            arg = self.lookup_binding(arg)
         if isinstance(arg, relax.ShapeExpr):
             values = arg.values
             return tuple(int(v) for v in values) if all(isinstance(v, tvm.tirx.IntImm) for v in values) else None
-        if isinstance(arg, relax.Var):
-            arg = self.lookup_binding(arg)
         if not isinstance(arg, Constant):
             return None
         if hasattr(arg.value, "numpy"):

@@ -101,11 +101,43 @@ class CRNNNeck(nn.Module):
         return self.fc(f.permute(0, 3, 1, 2).reshape(b, w, c * h)).softmax(-1)
 
 
+class CRNNLSTM(nn.Module):
+    """A captcha / text-line CRNN: convs down to height 1, the width as time steps through a two-layer
+    bidirectional LSTM (ONNX LSTM nodes with Transpose/Squeeze between them), a per-step classifier."""
+
+    def __init__(self, classes: int = 11):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(1, 16, 3, (2, 1), 1), nn.ReLU(), nn.Conv2d(16, 32, 3, (2, 1), 1), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d((1, None)))
+        self.rnn = nn.LSTM(32, 24, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(48, classes)
+
+    def forward(self, x):
+        f = self.convs(x).squeeze(2).permute(2, 0, 1)  # (width, batch, channels)
+        y, _ = self.rnn(f)
+        return self.fc(y).log_softmax(-1)
+
+
+class GRUTagger(nn.Module):
+    """A keyword-spotting / sequence tagger: a batch-first GRU over feature frames, the last state classified."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(20, 32, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        y, h = self.gru(x)
+        return self.fc(y.mean(1) + h[0])
+
+
 EXPORTED = {
     "channel_shuffle": (ChannelShuffle, (1, 3, 32, 32), "torchvision ShuffleNetV2 (channel shuffle)"),
     "yolo_style": (YoloStyle, (1, 3, 64, 64), "Ultralytics YOLOv8 head (anchors from Shape/Range)"),
     "dbnet_style": (DBNetStyle, (1, 3, 64, 64), "PaddleOCR DBNet detector (ConvTranspose, Resize, HardSigmoid)"),
     "crnn_neck": (CRNNNeck, (1, 3, 32, 40), "PaddleOCR recognizer neck (Reshape to a computed shape)"),
+    "crnn_lstm": (CRNNLSTM, (1, 1, 16, 24), "captcha CRNN (conv + 2-layer bidirectional LSTM)"),
+    "gru_tagger": (GRUTagger, (2, 12, 20), "sequence tagger (batch-first GRU)"),
 }
 
 
