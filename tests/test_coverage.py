@@ -18,8 +18,9 @@ from conftest import ort_outputs, require_tool
 from exported import EXPORTED, export
 
 LIGHT_ZOO = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-LIGHT_MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
-                "squeezenet", "vgg19", "zfnet512"]
+# AlexNet, VGG-19 and ZFNet also compile and match (85 s of build together): their ops (LRN, Dropout, Gemm,
+# MaxPool) are all in inception_v1 and squeezenet, so the suite leaves them out to stay within its time
+LIGHT_MODELS = ["densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet"]
 REL_ERR = 1e-4  # fp32: edgeq vs onnxruntime, relative to the output's largest magnitude
 
 
@@ -233,3 +234,34 @@ def test_verbose_is_accepted_after_the_command(cli, tmp_path):
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("edgeq: error: ")
     code, _, err = cli("--verbose", "inspect", tmp_path / "missing.onnx")
     assert code == 2 and "Traceback" in err
+
+
+# --- ONNX node tests that once ended in internal errors, wrong outputs or a crash -------------------------------
+
+ONCE_BROKEN = {  # case -> what it must be now
+    "test_clip": "pass", "test_dequantizelinear": "pass", "test_qlinearconv": "pass", "test_mean_example": "pass",
+    "test_min_example": "pass", "test_sum_example": "pass", "test_dropout_default": "pass",
+    "test_layer_normalization_2d_axis0": "pass", "test_dynamicquantizelinear_expanded": "pass",
+    "test_lstm_with_peepholes": "pass", "test_gru_seq_length": "pass",
+    "test_maxunpool_export_with_output_shape": "refused", "test_scatter_elements_with_axis": "refused",
+    "test_rms_normalization_2d_axis0": "refused", "test_sequence_insert_at_back": "refused",
+    "test_nonmaxsuppression_center_point_box_format": "refused",
+}
+
+
+@pytest.fixture(scope="module")
+def node_cases():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from conformance import node_cases as collect, run_case
+
+    cases = collect()
+    return lambda name: run_case(cases[name])
+
+
+@pytest.mark.parametrize("case", sorted(ONCE_BROKEN))
+def test_onnx_node_case_passes_or_is_refused_with_a_message(case, node_cases):
+    outcome, detail = node_cases(case)
+    assert outcome == ONCE_BROKEN[case], detail
+    assert outcome == "pass" or detail  # a refusal says why
