@@ -101,6 +101,32 @@ class CRNNNeck(nn.Module):
         return self.fc(f.permute(0, 3, 1, 2).reshape(b, w, c * h)).softmax(-1)
 
 
+class DeepLabStyle(nn.Module):
+    """torchvision's DeepLabV3-MobileNetV3 head in miniature: hard-swish/SE backbone, ASPP with dilated convs and
+    an image-pooling branch upsampled back (bilinear Resize to a size read from the features), and the logits
+    upsampled to the input size."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish(),
+                                      nn.Conv2d(16, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.Hardswish())
+        self.se1, self.se2 = nn.Conv2d(24, 8, 1), nn.Conv2d(8, 24, 1)
+        self.branches = nn.ModuleList([nn.Conv2d(24, 16, 1)] + [nn.Conv2d(24, 16, 3, padding=r, dilation=r)
+                                                                 for r in (2, 4)])
+        self.pool = nn.Conv2d(24, 16, 1)
+        self.project = nn.Sequential(nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.classifier = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        f = self.backbone(x)
+        f = f * F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(f, 1)))))
+        pooled = F.interpolate(F.relu(self.pool(F.adaptive_avg_pool2d(f, 1))), size=f.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        f = self.project(torch.cat([F.relu(b(f)) for b in self.branches] + [pooled], 1))
+        return F.interpolate(self.classifier(f), size=size, mode="bilinear", align_corners=False)
+
+
 class CRNNLSTM(nn.Module):
     """A captcha / text-line CRNN: convs down to height 1, the width as time steps through a two-layer
     bidirectional LSTM (ONNX LSTM nodes with Transpose/Squeeze between them), a per-step classifier."""
@@ -136,6 +162,7 @@ EXPORTED = {
     "yolo_style": (YoloStyle, (1, 3, 64, 64), "Ultralytics YOLOv8 head (anchors from Shape/Range)"),
     "dbnet_style": (DBNetStyle, (1, 3, 64, 64), "PaddleOCR DBNet detector (ConvTranspose, Resize, HardSigmoid)"),
     "crnn_neck": (CRNNNeck, (1, 3, 32, 40), "PaddleOCR recognizer neck (Reshape to a computed shape)"),
+    "deeplab_style": (DeepLabStyle, (1, 3, 48, 48), "torchvision DeepLabV3-MobileNetV3 (ASPP, bilinear Resize)"),
     "crnn_lstm": (CRNNLSTM, (1, 1, 16, 24), "captcha CRNN (conv + 2-layer bidirectional LSTM)"),
     "gru_tagger": (GRUTagger, (2, 12, 20), "sequence tagger (batch-first GRU)"),
 }

@@ -50,7 +50,7 @@ def _sqnr(signal: np.ndarray, noisy: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["channel_shuffle", "crnn_neck", "dbnet_style", "yolo_style"])
+@pytest.mark.parametrize("name", ["channel_shuffle", "crnn_neck", "dbnet_style", "deeplab_style", "yolo_style"])
 def test_exported_model_int8_build_runs_integer_kernels_and_agrees_with_onnxruntime(name, exports, tmp_path):
     """int8 on the exported forms: the QDQ model edgeq writes runs in onnxruntime too; both run the same integer
     grid, so they differ only where a value lands within float rounding of a tie between two steps."""
