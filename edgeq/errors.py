@@ -18,13 +18,16 @@ class EdgeqError(Exception):
 # A TVM log line ("[08:12:55] /project/src/relax/ir/block_builder.cc:67: Warning: ...") that TVM's C++ code
 # printed into the message it raised: never the reason, and never to be shown as the message.
 _TVM_LOG_LINE = re.compile(r"^\s*\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+# TVM names the op of a failed type check by its whole repr (ir.Op(span=None, ..., name="relax.nn.conv2d", ...,
+# support_level=10)): its name is what it means
+_TVM_OP_REPR = re.compile(r'ir\.Op\(span=.*?name="([^"]+)".*?support_level=\d+\)')
 
 
 def one_line(error: BaseException, limit: int = 400) -> str:
     """An exception's message on one line, without TVM log lines; long TVM messages keep their end, where the
     reason is."""
     lines = [line for line in str(error).splitlines() if not _TVM_LOG_LINE.match(line)]
-    text = " ".join(" ".join(lines).split()) or type(error).__name__
+    text = _TVM_OP_REPR.sub(r"\1", " ".join(" ".join(lines).split())) or type(error).__name__
     return text if len(text) <= limit else "…" + text[-limit:]
 
 

@@ -197,7 +197,7 @@ def _import(proto: onnx.ModelProto, inputs: list[TensorSpec], opset: int):
 
 def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except Exception as e:  # InferenceError, or a checker error raised during inference
         raise EdgeqError(f"ONNX shape inference failed: {one_line(e)}") from None
 

@@ -228,6 +228,11 @@ def test_tvm_log_lines_are_never_the_message():
     error = ValueError("Reshape requires the input new shape to be Shape\n"
                        "[08:12:55] /project/src/relax/ir/block_builder.cc:67: Warning: BlockBuilder destroyed")
     assert one_line(error) == "Reshape requires the input new shape to be Shape"
+    typed = ValueError('In ir.Op(span=None, ty=ir.Type(span=None), name="relax.nn.conv2d", description="", '
+                       'arguments=(ir.ArgumentInfo(name="data", type_info="Tensor", description="The input tensor."),), '
+                       'attrs_type_key="relax.attrs.Conv2DAttrs", num_inputs=2, support_level=10), layout OIHW '
+                       'requires the input to be 4-dim tensor.')
+    assert one_line(typed) == "In relax.nn.conv2d, layout OIHW requires the input to be 4-dim tensor."
 
 
 def test_verbose_is_accepted_after_the_command(cli, tmp_path):
