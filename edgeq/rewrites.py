@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import EdgeqError
+from .support import tensor_types
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 _SIGNED = (TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64)
@@ -43,14 +44,7 @@ class Context:
             inferred = onnx.shape_inference.infer_shapes(proto).graph
         except Exception:  # noqa: BLE001 - strict inference runs later and reports the model's problem
             inferred = graph
-        self.types, self.ranks = {}, {}
-        for v in (*inferred.input, *inferred.value_info, *inferred.output):
-            if v.type.HasField("tensor_type"):
-                self.types[v.name] = v.type.tensor_type.elem_type
-                if v.type.tensor_type.HasField("shape"):
-                    self.ranks[v.name] = len(v.type.tensor_type.shape.dim)
-        for t in graph.initializer:
-            self.types[t.name], self.ranks[t.name] = t.data_type, len(t.dims)
+        self.types, self.ranks = tensor_types(inferred)
         self.constants = {t.name: t for t in graph.initializer}
         self.constants.update({n.output[0]: n.attribute[0].t for n in graph.node
                                if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})

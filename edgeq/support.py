@@ -34,18 +34,24 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def tensor_types(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
+    """({tensor: ONNX element type}, {tensor: rank}) of the graph's typed values and initializers."""
+    elem, ranks = {}, {}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        if v.type.HasField("tensor_type"):
+            elem[v.name] = v.type.tensor_type.elem_type
+            if v.type.tensor_type.HasField("shape"):
+                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    for t in graph.initializer:
+        elem[t.name], ranks[t.name] = t.data_type, len(t.dims)
+    return elem, ranks
+
+
 class Types:
     """Element types and ranks of a shape-inferred graph's tensors, for the rules' predicates."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.elem, self.ranks = {}, {}
-        for v in (*graph.input, *graph.value_info, *graph.output):
-            if v.type.HasField("tensor_type"):
-                self.elem[v.name] = v.type.tensor_type.elem_type
-                if v.type.tensor_type.HasField("shape"):
-                    self.ranks[v.name] = len(v.type.tensor_type.shape.dim)
-        for t in graph.initializer:
-            self.elem[t.name], self.ranks[t.name] = t.data_type, len(t.dims)
+        self.elem, self.ranks = tensor_types(graph)
         self.constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                                  for o in n.output}
 
