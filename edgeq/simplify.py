@@ -6,9 +6,9 @@ fill their weights with ConstantOfShape. TVM's importer leaves such shapes symbo
 stops the build ("no static tensor shape", "emit_te now only supports Tensor that has ShapeExpr shape").
 
 onnxslim does this folding (constant folding with its own symbolic shape inference, dead-node and
-common-subexpression elimination) and is chosen over onnxsim because it is pure Python on top of onnx (no
-compiled extension, no onnxruntime at compile time) and never folds QuantizeLinear/DequantizeLinear, so QDQ
-models keep their quantization. Its pattern fusions (Conv+BatchNormalization, ...) are left off: they rename
+common-subexpression elimination; it evaluates the folded subgraphs with onnxruntime, hence that dependency)
+and is chosen over onnxsim because it is pure Python on top of onnx (no compiled extension to build per
+platform) and never folds QuantizeLinear/DequantizeLinear, so QDQ models keep their quantization. Its pattern fusions (Conv+BatchNormalization, ...) are left off: they rename
 the nodes they fuse, and users name nodes (--exclude) as their model has them; edgeq's own passes fuse those.
 """
 
