@@ -11,6 +11,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from .default_cpu import default_cpu_layout_passes, default_cpu_schedule
+from .fast_math import FAST_MATH
 from .reductions import INFINITE_START_REDUCTIONS
 from .tune import tuned_schedules
 
@@ -19,7 +20,8 @@ def pre_schedule_passes(target: tvm.target.Target) -> list:
     """Layout, legalization and fusion: the fused PrimFuncs they leave are what gets scheduled or tuned."""
     return (default_cpu_layout_passes(target)
             + cpu_generic.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(INFINITE_START_REDUCTIONS)] + cpu_generic.legalize_passes(target)
+            + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH})]
+            + cpu_generic.legalize_passes(target)
             + [relax.transform.AttachAttrLayoutFreeBuffers()])  # marks weight params for compile-time repacking
 
 
