@@ -232,6 +232,12 @@ def qrequantize(x, *, multiplier, shift, input_zero_point, output_zero_point, ou
     return te.compute(x.shape, rescale, name="qrequantize")
 
 
+def qlookup(x, table, *, first_code: int):
+    """out[i] = table[x[i] - first_code]: an elementwise function of an 8-bit tensor, tabulated over its codes
+    (relay_passes.quantize.lookup); the table is a constant of 256 output codes."""
+    return te.compute(x.shape, lambda *i: table[_i32(x(*i)) - first_code], name="qlookup")
+
+
 def qavg_pool2d(data, *, pool_size, strides, padding, multiplier, shift, input_zero_point, output_zero_point,
                 out_min, out_max, out_dtype):
     """Average pool with a constant divisor (count_include_pad; global pooling: pool_size == (H, W)), NHWC.

@@ -31,6 +31,10 @@ import onnx
 from onnx import numpy_helper
 
 from . import scheme, storage
+from .exprs import const as _const
+from .exprs import is_const as _is_const
+from .exprs import op_name as _op_name
+from .lookup import island_table
 
 _SCRATCH = "edgeq_realized_main"  # the rewritten function's name while it is built next to the original
 _DOT_DEPTH = 4  # input channels one dot-product instruction reduces (vpdpbusd, sdot)
@@ -301,15 +305,30 @@ class _Realizer:
             "relax.dequantize": self._identity,
         }.get(op)
         if handler is None:
-            return None
-        if op == "relax.dequantize":
+            result = None
+        elif op == "relax.dequantize":
             result = handler(core, scale, zero, qlo, qhi)
         else:
             result = handler(value, bias, scale, zero, qlo, qhi)
+        if result is None:
+            return self._lookup(quantize.args[0], out_qp)
         top = qhi - zero  # codes q - zero in [0, 2^k - 1]: a PACT tensor (a clamp at alpha), read as k-bit planes
         if result is not None and qlo == zero and 0 < top < 255 and not top & (top + 1):
             result = replace(result, bits=int(top).bit_length())
         return result
+
+    def _lookup(self, expr, out_qp: scheme.QParams) -> QTensor | None:
+        """An elementwise float island on one 8-bit tensor as a table of its codes (lookup.py), in that tensor's
+        layout."""
+        from schedules import qkernels
+
+        found = island_table(self.defs, self._dequantized, expr, out_qp)
+        if found is None:
+            return None
+        qt, table = found
+        var = self._emit(qkernels.qlookup, qt.var, self._constant(table, storage.LOOKUP, "", 0),
+                         first_code=scheme.DTYPE_RANGES[qt.dtype][0], name="qlookup")
+        return QTensor(var, float(out_qp.scale), int(out_qp.zero_point), self.dtype, qt.layout)
 
     def _activation(self, expr):
         """(producer under a fused ReLU/Clip, (lo, hi)); (expr, (None, None)) when there is none."""
@@ -585,14 +604,6 @@ def _low_bit_weight(w: np.ndarray) -> int:
 
 # --- expression helpers ---------------------------------------------------------------------------------
 
-def _op_name(value) -> str | None:
-    from tvm import relax
-
-    if isinstance(value, relax.Call) and hasattr(value.op, "name"):
-        return str(value.op.name)
-    return None
-
-
 def _call_tir_name(value) -> str | None:
     """The name of the PrimFunc a call_tir calls, without the numeric suffix of shape variants (minimum3)."""
     if _op_name(value) != "relax.call_tir":
@@ -602,16 +613,6 @@ def _call_tir_name(value) -> str | None:
 
 def _per_tensor(value) -> bool:
     return all(_is_const(a) and _const(a).size == 1 for a in value.args[1:3])
-
-
-def _is_const(expr) -> bool:
-    from tvm.ir.expr import Constant
-
-    return isinstance(expr, Constant)
-
-
-def _const(expr) -> np.ndarray:
-    return expr.value.numpy()
 
 
 def _int32(values: np.ndarray) -> np.ndarray:

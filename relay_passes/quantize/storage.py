@@ -15,6 +15,7 @@ import hashlib
 import numpy as np
 
 ATTR = "edgeq_weight_storage"  # constant key -> (label, layer, fp32 bytes)
+LOOKUP = "8-bit lookup tables"  # elementwise islands tabulated over their input's codes (lookup.py)
 REQUANTIZE = "int32 bias/requantize"  # a conv / dense epilogue: int32 bias, multiplier and shift per channel
 
 
