@@ -5,6 +5,7 @@ be downloaded from a model hub, and weights do not change which operators an exp
     torchvision_model(name, dir, dynamo)    torchvision's architecture through torch.onnx.export -> (path, input)
     ultralytics_model(cfg, dir, imgsz)      an Ultralytics YOLO built from its yaml, exported by Ultralytics' own
                                             exporter (`YOLO(cfg).export(format="onnx")`, its defaults) -> (path, input)
+    transformer_encoder(dir)                a BERT-style torch.nn.TransformerEncoder -> (path, input)
 
 Exports are cached per directory (the tests pass a session-wide one), so each model is exported once per run.
 """
@@ -26,6 +27,11 @@ def _small_vit(tv):
 def _small_swin(tv):
     return tv.models.swin_transformer.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2],
                                                       num_heads=[2, 4], window_size=[4, 4])
+
+
+def _swin_t_width16(tv):
+    return tv.models.swin_transformer.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2, 6, 2],
+                                                      num_heads=[1, 2, 4, 8], window_size=[7, 7])
 
 
 def _small_convnext(tv):
@@ -59,6 +65,7 @@ TORCHVISION = {
     "convnext_small_width": (64, "ConvNeXt blocks at width 32/64", _small_convnext),
     "vit_small_width": (96, "ViT: 2 layers, 4 heads, width 64", _small_vit),
     "swin_small_width": (64, "Swin: 2 stages, window 4, width 32", _small_swin),
+    "swin_t_width16": (224, "Swin-T's stages, depths and 7x7 windows at width 16", _swin_t_width16),
     "deeplabv3_mobilenet_v3_large": (320, "ASPP with dilated convs, image pooling, bilinear upsampling",
                                      _segmentation("deeplabv3_mobilenet_v3_large")),
     "lraspp_mobilenet_v3_large": (320, "lite R-ASPP head, sigmoid gating",
@@ -159,4 +166,24 @@ def ultralytics_model(cfg: str, directory: Path, imgsz: int = 320) -> tuple[Path
         with contextlib.chdir(directory):
             written = Path(model.export(format="onnx", imgsz=imgsz, verbose=False))
         os.replace(Path(directory) / written, path)
+    return path, x
+
+
+def transformer_encoder(directory: Path, layers: int = 4, width: int = 256, heads: int = 4,
+                        sequence: int = 128) -> tuple[Path, np.ndarray]:
+    """A BERT-style encoder from torch.nn (post-norm layers, GELU feed-forward 4x wide) on embedded tokens
+    [1, sequence, width]: attention as torch exports it (MatMul, Softmax, the head reshapes/transposes)."""
+    path = Path(directory) / f"encoder-{layers}x{width}-seq{sequence}.onnx"
+    x = np.random.default_rng(0).standard_normal((1, sequence, width)).astype(np.float32)
+    if not path.exists():
+        import torch
+
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                                 batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.onnx.export(model, (torch.from_numpy(x),), str(tmp), opset_version=17, dynamo=False,
+                          input_names=["x"], external_data=False)
+        os.replace(tmp, path)
     return path, x

@@ -83,6 +83,29 @@ def test_torchvision_architecture_int8_quantizes_every_conv_and_agrees_with_onnx
     _int8_agrees(path, {"x": x}, {"x": _calibration(x)}, tmp_path)
 
 
+def test_swin_shape_arithmetic_folds_completely_and_its_matmuls_quantize(exports, tmp_path):
+    """Swin-T's depths and windows (the stage-3 blocks at 14x14): onnxslim alone leaves 7 Shape nodes whose
+    inputs ONNX's shape inference knows, and their symbolic dims used to break calibration; every matmul of the
+    attention and MLP blocks is quantized, and the int8 output is onnxruntime's on the same QDQ model."""
+    from edgeq.frontend import load_onnx
+
+    path, x = ecosystem.torchvision_model("swin_t_width16", exports)
+    assert not [n.name for n in load_onnx(path).onnx_model.graph.node if n.op_type == "Shape"]
+    _matches_onnxruntime(path, edgeq.build(path, "host", tmp_path / "host"), {"x": x})
+    quantized = edgeq.quantize(path, {"x": _calibration(x)})
+    artifact = edgeq.build(quantized, "host", tmp_path / "int8")
+    graph = quantized.source.onnx_model.graph
+    weights = {t.name for t in graph.initializer}
+    matmuls = {n.name: n.input[1] in weights for n in graph.node if n.op_type == "MatMul"}
+    layers = {g["node"] for g in artifact.manifest["quantization"]["quantized_layers"]}
+    floats = artifact.manifest["quantization"]["float_layers"]
+    assert {m for m, by_weight in matmuls.items() if by_weight} <= layers
+    assert all("both operands are activations" in floats[m] for m, by_weight in matmuls.items() if not by_weight)
+    ours = next(iter(artifact.run({"x": x}).values()))
+    assert _sqnr(ort_outputs(quantized.qdq, {"x": x})[0], ours) >= 35
+    assert _sqnr(ort_outputs(onnx.load(path), {"x": x})[0], ours) >= 20
+
+
 @pytest.fixture(scope="module")
 def yolov8n(exports):
     return ecosystem.ultralytics_model("yolov8n.yaml", exports, YOLO_SIZE)

@@ -331,3 +331,18 @@ def test_int8_digits_model_uses_the_boards_dot_product(preset, instruction, abse
     asm = llvm_assembly(executable)
     assert re.search(instruction, asm)
     assert absent is None or not re.search(absent, asm)
+
+
+def test_calibration_keeps_symbolic_intermediate_dims():
+    """Exporters and onnxslim leave intermediate shapes symbolic (``unk__12``) where they could not resolve them:
+    observing such a tensor must keep its dims symbolic, not turn them into 0 (which contradicts inference)."""
+    model = _model([_conv("x", "w", "c", "b", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                    _conv("r", "w2", "y", pads=[1, 1, 1, 1])],
+                   {"w": _w(16, 8, 3, 3), "b": _w(16), "w2": _w(4, 16, 3, 3)}, {"x": [1, 8, 10, 10]}, [1, 4, 10, 10])
+    model.graph.value_info.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, ["unk__1", 16, "unk__2", 10])
+                                   for name in ("c", "r")])
+    quantized = edgeq.quantize(model, _calibration(model))
+    assert {"x", "r", "y"} <= set(quantized.ranges)
+    expected = ort_outputs(quantized.qdq, _feeds(model))[0]
+    got = _run_host(model, quantized.qdq)(_feeds(model))
+    assert np.abs(got - expected).max() <= _output_scale(quantized) * 1.001

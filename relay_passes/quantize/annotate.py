@@ -131,6 +131,8 @@ def _why_not(node, consts: dict[str, np.ndarray], shapes: dict[str, list[int]]) 
     """Why an op of a known type can't be quantized here (None when it can)."""
     rule = OP_RULES[node.op_type]
     if rule.weight is not None:
+        if node.op_type == "MatMul" and node.input[1] not in consts:
+            return "both operands are activations (attention); only matmul by a constant is quantized"
         if len(node.input) <= rule.weight or node.input[rule.weight] not in consts:
             return "weight is not a constant"
         if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:

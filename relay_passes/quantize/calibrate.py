@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from edgeq.errors import EdgeqError
 from edgeq.tensors import TensorSpec, load_arrays
@@ -110,9 +109,7 @@ def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
             continue
         if name not in known:
             raise EdgeqError(f"tensor {name!r} has no inferred type; cannot observe it")
-        tensor_type = known[name].type.tensor_type
-        shape = [d.dim_value for d in tensor_type.shape.dim]
-        model.graph.output.append(helper.make_tensor_value_info(name, tensor_type.elem_type, shape))
+        model.graph.output.add().CopyFrom(known[name])  # symbolic dims stay symbolic (0 would contradict them)
     return model
 
 
