@@ -346,3 +346,18 @@ def test_calibration_keeps_symbolic_intermediate_dims():
     expected = ort_outputs(quantized.qdq, _feeds(model))[0]
     got = _run_host(model, quantized.qdq)(_feeds(model))
     assert np.abs(got - expected).max() <= _output_scale(quantized) * 1.001
+
+
+def test_bias_much_larger_than_the_accumulator_step_is_kept():
+    """A conv fed by near-zero activations with an ordinary bias (a detection head of a freshly initialized
+    YOLOv8n: inputs ~1e-10, bias -8.8): bias / (s_x * s_w) is ~1e19 steps, beyond int32. The weight scale grows
+    until it fits, so the output is the bias (within a step), not an overflowed accumulator."""
+    model = _model([_conv("x", "w", "y", "b")], {"w": _w(8, 4, 1, 1), "b": np.linspace(-9, 9, 8)},
+                   {"x": [1, 4, 5, 5]}, [1, 8, 5, 5])
+    calibration = {"x": (_calibration(model)["x"] * 1e-10).astype(np.float32)}
+    quantized = edgeq.quantize(model, calibration)
+    feeds = {"x": calibration["x"][:1]}
+    ours = _run_host(model, quantized.qdq)(feeds)
+    step = _output_scale(quantized)
+    assert np.abs(ours - ort_outputs(model, feeds)[0]).max() <= step
+    assert np.abs(ours - ort_outputs(quantized.qdq, feeds)[0]).max() <= step * 1.001

@@ -283,3 +283,20 @@ def test_per_axis_int8_matches_onnx(scale, zero_point, x):
         ties = (np.arange(-130, 130, dtype=np.float32)[None, None, :] + 0.5) * scale[None, :, None]
         ties = np.broadcast_to(ties, (x.shape[0],) + ties.shape[1:]).astype(np.float32)
         _check_against_onnx(np.concatenate([x, ties], axis=2), qp)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, (6, 3), elements=st.floats(-1, 1, width=32)),
+       hnp.arrays(np.float32, 6, elements=st.floats(-100, 100, width=32)),
+       st.floats(1e-12, 1.0), st.booleans())
+def test_fit_bias_keeps_every_bias_inside_its_int32_share(weight, bias, input_scale, per_channel):
+    qp = scheme.weight_qparams(weight, 0 if per_channel else None)
+    fitted = scheme.fit_bias(qp, bias, input_scale)
+    accumulator_step = np.float64(input_scale) * fitted.scale.astype(np.float64)
+    assert np.all(np.abs(np.round(bias / accumulator_step)) <= scheme.BIAS_LIMIT * (1 + 1e-6))
+    assert np.all(fitted.scale >= qp.scale)  # only ever coarser,
+    fits = np.abs(bias) / (input_scale * qp.scale.astype(np.float64)) <= scheme.BIAS_LIMIT
+    if per_channel:  # and only where the bias did not fit
+        assert np.array_equal(fitted.scale[fits], qp.scale[fits])
+    elif fits.all():
+        assert fitted.scale == qp.scale

@@ -326,6 +326,9 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
             values, scale = _sawb_weight(weight, group.weight_bits, axis)
         else:
             qp = scheme.weight_qparams(weight, axis)
+            if len(node.input) > 2 and node.input[2] in consts:  # Conv / Gemm bias, folded into the accumulator
+                input_qp = scheme.activation_qparams(*ranges[node.input[0]], policy.activation_dtype)
+                qp = scheme.fit_bias(qp, numpy_helper.to_array(consts[node.input[2]]), float(input_qp.scale))
             values, scale = scheme.quantize_weight(weight, qp), qp.scale
         base = f"{group.node}.weight"
         new_inits += [numpy_helper.from_array(values, f"{base}.q"),

@@ -69,6 +69,24 @@ def weight_qparams(weight: np.ndarray, axis: int | None = 0) -> QParams:
     return QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis)
 
 
+BIAS_LIMIT = 2 ** 30  # |bias / (s_x * s_w)| in the int32 accumulator, leaving 2^30 for the dot product
+
+
+def fit_bias(qp: QParams, bias: np.ndarray, input_scale: float) -> QParams:
+    """Weight parameters whose accumulator scale s_x * s_w holds the bias in int32: where a channel's bias is
+    more than BIAS_LIMIT accumulator steps, its weight scale grows to |bias| / (s_x * BIAS_LIMIT).
+
+    Such a channel's inputs are tiny against its bias (a head fed by near-zero activations, a pruned channel):
+    the coarser weights lose only what the bias dwarfs, where an overflowed bias is wrong (ONNX Runtime's
+    quantizer adjusts weight scales the same way)."""
+    bias = np.abs(np.asarray(bias, np.float64).reshape(-1))
+    needed = bias / (float(input_scale) * BIAS_LIMIT)
+    if not qp.per_channel:
+        needed = needed.max(initial=0.0)
+    scale = np.maximum(qp.scale.astype(np.float64), needed).astype(np.float32)
+    return QParams(scale, qp.zero_point, qp.dtype, qp.axis)
+
+
 def _broadcast(values: np.ndarray, qp: QParams, ndim: int) -> np.ndarray:
     if not qp.per_channel:
         return values
