@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgeq-installed
 CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static
 
-.PHONY: demo test test-quick toolchains bench
+.PHONY: demo test test-quick toolchains bench bench-zoo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ test-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/latency.py
+
+# The architectures users bring (torchvision, Ultralytics, a BERT-style encoder) against ORT and OpenVINO:
+# about 40 minutes on 2 cores; writes benchmarks/results/zoo-<cpu>.md.
+bench-zoo: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python benchmarks/zoo.py
