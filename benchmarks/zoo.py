@@ -18,6 +18,7 @@ Writes benchmarks/results/zoo-<cpu>.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -130,13 +131,15 @@ def _ort_quantize(path: Path, calibration: dict, qdq: Path) -> None:
         def get_next(self):
             return next(self.samples, None)
 
-    pre = qdq.with_name(qdq.stem + ".pre.onnx")
-    try:  # what ORT's docs tell users to run first; its symbolic shape inference fails on some graphs
-        quant_pre_process(str(path), str(pre))
-    except Exception:  # noqa: BLE001 (ORT raises AssertionError and others)
-        quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre = (qdq.with_name(qdq.stem + ".pre.onnx")).resolve()
+    path, qdq = path.resolve(), qdq.resolve()
+    with contextlib.chdir(CACHE):  # ORT writes its scratch files (sym_shape_infer_temp.onnx, *.data) to the cwd
+        try:  # what ORT's docs tell users to run first; its symbolic shape inference fails on some graphs
+            quant_pre_process(str(path), str(pre))
+        except Exception:  # noqa: BLE001 (ORT raises AssertionError and others)
+            quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def _sqnr(signal: np.ndarray, noisy: np.ndarray) -> float:

@@ -8,6 +8,8 @@ nodes replacing the node, or None to keep it.
 * Dropout: the inference form. Output = input; the mask (when used) all ones, bool from opset 10 and the data's
   type before. TVM imports a (data, mask) tuple that the CPU layout pass cannot map, and types the mask as the
   data at every opset. A Dropout in training mode is refused.
+* Split into one output: the input itself. TVM's importer returns a tensor where the graph expects a tuple
+  ("Invalid Call"); found by benchmarks/fuzz.py.
 * BitShift by a runtime amount: ONNX defines a shift by a negative amount or by the type's width or more
   (0 for a left shift, the sign for a right shift of a signed type); LLVM makes such lanes poison.
 * Pow of a float by an integer exponent: the exponent cast to the base's type (TVM's power wants one type).
@@ -91,6 +93,12 @@ def _dropout(ctx: Context, node: onnx.NodeProto):
         nodes += [shape, helper.make_node("ConstantOfShape", [shape_out], [node.output[1]], name=f"{_name(node)}/mask",
                                           value=one)]
     return nodes
+
+
+def _split_into_one(ctx: Context, node: onnx.NodeProto):
+    if len(node.output) != 1:
+        return None
+    return [helper.make_node("Identity", [node.input[0]], [node.output[0]], name=_name(node))]
 
 
 def _bit_shift(ctx: Context, node: onnx.NodeProto):
@@ -193,6 +201,7 @@ def _mish(ctx: Context, node: onnx.NodeProto):
 
 REWRITES: dict[str, Callable[[Context, onnx.NodeProto], list | None]] = {
     "Dropout": _dropout,
+    "Split": _split_into_one,
     "BitShift": _bit_shift,
     "Pow": _pow,
     "LayerNormalization": _layer_norm_statistics,

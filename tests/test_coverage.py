@@ -184,6 +184,19 @@ def test_dropout_with_its_mask_is_the_identity_and_a_mask_of_ones(opset, mask_ty
     assert mask.dtype == oracle_mask.dtype and mask.shape == oracle_mask.shape and mask.all()
 
 
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_split_into_one_output_is_its_input(opset):
+    """Valid ONNX (found by benchmarks/fuzz.py): TVM's importer returned a tensor where a tuple was expected."""
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["x"], ["y"], name="split", **({"num_outputs": 1} if opset >= 18 else {}))],
+        "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    x = np.random.default_rng(0).standard_normal((1, 8, 4, 4)).astype(np.float32)
+    (ours,) = EdgeqBackend.run_model(model, [x])
+    np.testing.assert_array_equal(ours, ort_outputs(model, {"x": x})[0])
+
+
 def test_dropout_in_training_mode_is_refused_by_name():
     graph = helper.make_graph(
         [helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="train_drop")],
