@@ -65,7 +65,8 @@ def weight_qparams(weight: np.ndarray, axis: int | None = 0) -> QParams:
         amax = np.asarray(np.abs(w).max(initial=0.0))
     else:
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1, initial=0.0)
-    scale = np.where(amax > 0, amax / WEIGHT_RANGE[1], 1.0).astype(np.float32)
+    scale = (amax / WEIGHT_RANGE[1]).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))  # all zero, or so tiny the step underflows: every w -> 0
     return QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis)
 
 
