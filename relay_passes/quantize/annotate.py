@@ -300,12 +300,14 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
     new_inits, new_nodes = [], {}  # new_nodes: producer tensor name -> nodes to insert after it
     rename: dict[str, str] = {}
     graph_outputs = {o.name for o in graph.output}
+    activation_qparams: dict[str, scheme.QParams] = {}  # the weights' bias fit reads their input's scale
     for tensor in plan_.tensors:
         if tensor in plan_.low_bit:
             bits, source = plan_.low_bit[tensor]
             qp = _pact_qparams(ranges[source][1], bits, policy.activation_dtype)
         else:
             qp = scheme.activation_qparams(*ranges[tensor], policy.activation_dtype)
+        activation_qparams[tensor] = qp
         scale, zero = f"{tensor}.scale", f"{tensor}.zero_point"
         new_inits += [numpy_helper.from_array(np.asarray(qp.scale, np.float32), scale),
                       numpy_helper.from_array(np.asarray(qp.zero_point, policy.activation_dtype), zero)]
@@ -327,8 +329,8 @@ def insert_qdq(model: onnx.ModelProto, plan_: Plan, ranges: dict[str, tuple[floa
         else:
             qp = scheme.weight_qparams(weight, axis)
             if len(node.input) > 2 and node.input[2] in consts:  # Conv / Gemm bias, folded into the accumulator
-                input_qp = scheme.activation_qparams(*ranges[node.input[0]], policy.activation_dtype)
-                qp = scheme.fit_bias(qp, numpy_helper.to_array(consts[node.input[2]]), float(input_qp.scale))
+                input_scale = float(activation_qparams[node.input[0]].scale)
+                qp = scheme.fit_bias(qp, numpy_helper.to_array(consts[node.input[2]]), input_scale)
             values, scale = scheme.quantize_weight(weight, qp), qp.scale
         base = f"{group.node}.weight"
         new_inits += [numpy_helper.from_array(values, f"{base}.q"),
