@@ -21,15 +21,27 @@ def ort_latency_ms(model, inputs: dict, threads: int, repeat: int = 20, min_repe
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, inputs)
+    return median_ms(lambda: session.run(None, inputs), repeat, min_repeat_ms)
+
+
+def median_ms(run, repeat: int = 20, min_repeat_ms: float = 20) -> float:
+    """Median over `repeat` measurements of one call's milliseconds, each measurement at least `min_repeat_ms`
+    of calls, after one warm-up call."""
+    run()
     samples = []
     for _ in range(repeat):
         runs, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) * 1e3 < min_repeat_ms or runs == 0:
-            session.run(None, inputs)
+            run()
             runs += 1
         samples.append(elapsed / runs * 1e3)
     return float(np.median(samples))
+
+
+def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - value)^2), in float64; a noise floor of 1e-30 keeps exact results finite."""
+    reference = reference.astype(np.float64)
+    return float(10 * np.log10(np.sum(reference ** 2) / max(np.sum((reference - value) ** 2), 1e-30)))
 
 
 def machine() -> str:

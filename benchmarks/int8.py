@@ -58,11 +58,6 @@ def ort_run(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {"input": x[None]})[0] for x in inputs])
 
 
-def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2)
-                               / max(np.sum((reference.astype(np.float64) - value) ** 2), 1e-30)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -89,7 +84,8 @@ def main() -> None:
         ort_s = time.perf_counter() - start
         reference = ort_run(model, held_out)
         ours_out = np.concatenate([ours_int8.run({"input": x[None]})["output"] for x in held_out])
-        ours_sqnr, theirs_sqnr = sqnr_db(reference, ours_out), sqnr_db(reference, ort_run(theirs_int8, held_out))
+        ours_sqnr = harness.sqnr_db(reference, ours_out)
+        theirs_sqnr = harness.sqnr_db(reference, ort_run(theirs_int8, held_out))
         agree = float(np.mean(ours_out.argmax(1) == reference.argmax(1)))
         weights = ours_int8.manifest["quantization"]["weight_bytes"]
         shipped = {k: len(a.manifest["tuning"]["tuned_kernels"]) for k, a in (("int8", ours_int8), ("fp32", ours_fp32))}

@@ -143,7 +143,7 @@ def _ort_quantize(path: Path, calibration: dict, qdq: Path) -> None:
 
 
 def _sqnr(signal: np.ndarray, noisy: np.ndarray) -> float:
-    return round(float(10 * np.log10(np.sum(signal ** 2) / max(np.sum((signal - noisy) ** 2), 1e-30))), 1)
+    return round(harness.sqnr_db(signal, noisy), 1)
 
 
 def _openvino_sqnr(reference: np.ndarray, qdq: Path, feeds_path: str) -> float | None:
@@ -164,18 +164,6 @@ def _openvino_compiled(model: str, threads: int):
 
 # --- one measurement, in its own process ------------------------------------------------------------------
 
-def _time_ms(run, min_ms: float = 20, repeat: int = 15) -> float:
-    run()
-    samples = []
-    for _ in range(repeat):
-        n, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) * 1e3 < min_ms or n == 0:
-            run()
-            n += 1
-        samples.append(elapsed / n * 1e3)
-    return float(np.median(samples))
-
-
 def measure(engine: str, model: str, feeds_path: str, threads: int) -> float:
     feeds = dict(np.load(feeds_path))
     if engine == "edgeq":
@@ -183,14 +171,11 @@ def measure(engine: str, model: str, feeds_path: str, threads: int) -> float:
 
         return edgeq.Artifact.load(model).benchmark(feeds, repeat=15, threads=threads)["median_ms"]
     if engine == "ort":
-        import onnxruntime as ort
+        import onnx
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return _time_ms(lambda: session.run(None, feeds))
+        return harness.ort_latency_ms(onnx.load(model), feeds, threads, repeat=15)
     request = _openvino_compiled(model, threads).create_infer_request()
-    return _time_ms(lambda: request.infer(feeds))
+    return harness.median_ms(lambda: request.infer(feeds), repeat=15)
 
 
 def _measure_in_process(engine: str, model: str, feeds: str, threads: int) -> float | None:
