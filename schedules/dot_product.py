@@ -80,6 +80,7 @@ class _Match:
     weight: int  # read index of W
     o_var: tirx.Var  # block iterators
     k_var: tirx.Var
+    weight_vars: list  # the iterators the weight's indices use (a grouped conv's group among them)
 
 
 def is_integer_dot(sch: Schedule, block) -> bool:
@@ -134,7 +135,8 @@ def _match(sch: Schedule, block, intrin: DotIntrin) -> _Match | None:
     if int(iters[o_var].dom.extent) % intrin.lanes or int(iters[k_var].dom.extent) % intrin.depth:
         return None
     reads = [r.source for r in stmt.reads]
-    return _Match(_read_index(reads, data.source), _read_index(reads, weight.source), o_var, k_var)
+    weight_vars = [iv.var for iv in stmt.iter_vars if any(_uses(e, iv.var) for e in weight.indices)]
+    return _Match(_read_index(reads, data.source), _read_index(reads, weight.source), o_var, k_var, weight_vars)
 
 
 def _read_index(reads, buffer) -> int:
@@ -194,7 +196,10 @@ def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin]) -> None
     for lp in loops:
         work *= int(sch.get(lp).extent)
 
-    rows_loop = next((lp for lp in reversed(spatial) if int(sch.get(lp).extent) > 1), None)
+    # The rows of the register tile share its weight vectors, so they run along a loop the weight does not
+    # depend on (pixels; not a grouped conv's group).
+    shares_weight = {lp for lp, iv in bound if not any(iv.var.same_as(v) for v in match.weight_vars)}
+    rows_loop = next((lp for lp in reversed(spatial) if int(sch.get(lp).extent) > 1 and lp in shares_weight), None)
     rows, vectors = _register_tile(int(sch.get(rows_loop).extent) if rows_loop is not None else 1,
                                    int(sch.get(o_loop).extent) // intrin.lanes, intrin)
     tile = intrin.lanes * vectors

@@ -95,7 +95,9 @@ def _out_size(size, kernel, stride, dilation, before, after):
 # ---------------------------------------------------------------------------------------------- kernels
 def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups, input_zero_point,
             output_zero_point, out_min, out_max, out_dtype, high_word=False):
-    """Quantized NHWC conv2d: data [N,H,W,C] u8/s8, weight [KH,KW,C//groups,O] s8 (HWIO), bias/M/s [O] int32.
+    """Quantized NHWC conv2d: data [N,H,W,C] u8/s8, weight s8, bias/M/s [O] int32.  The weight is HWIO
+    [KH,KW,C//groups,O], except for a grouped conv (1 < groups, several input channels per group), whose
+    weight is [groups, KH, KW, C//groups, O//groups] (:func:`group_weight`).
 
     ``padding`` is (top, left, bottom, right); the data is padded with ``input_zero_point`` (real 0.0).
     ``bias`` already holds the zero-point compensation ``-input_zero_point * sum(w)`` plus the quantized
@@ -104,11 +106,19 @@ def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation
     which vectorizes to widening 16-bit multiplies.
     """
     n, height, width, channels = (int(d) for d in data.shape)
-    kh, kw, group_channels, out_channels = (int(d) for d in weight.shape)
+    grouped = len(weight.shape) == 5
+    if grouped:
+        _, kh, kw, group_channels, per_group = (int(d) for d in weight.shape)
+        out_channels = per_group * groups
+    else:
+        kh, kw, group_channels, out_channels = (int(d) for d in weight.shape)
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     if channels != group_channels * groups or out_channels % groups:
         raise ValueError(f"qconv2d: {channels} input / {out_channels} output channels are not {groups} groups")
+    if grouped != (1 < groups and group_channels > 1):
+        raise ValueError("qconv2d: a grouped conv takes its weight as [groups, KH, KW, C/groups, O/groups], "
+                         "any other an HWIO weight")
     oh = _out_size(height, kh, sh, dh, top, bottom)
     ow = _out_size(width, kw, sw, dw, left, right)
     padded = _pad_nhwc(data, padding, input_zero_point, "qconv2d_pad")
@@ -133,20 +143,40 @@ def qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation
         )
         return _channel_epilogue(acc, acc.shape, bias, multiplier, shift, output_zero_point, out_min, out_max,
                                  out_dtype, "qconv2d", high_word)
-    # Dense and grouped convolutions accumulate over flattened output pixels [N*OH*OW, O]: the register
+    # Dense and grouped convolutions accumulate over flattened output pixels [N*OH*OW, ...]: the register
     # tile of the schedule then spans rows of the image, so any image width tiles well.
-    per_group = out_channels // groups
     rc = te.reduce_axis((0, group_channels), "rc")
-    acc = te.compute(
-        (n * oh * ow, out_channels),
-        lambda p, o: te.sum(
-            _i32(window(p, rc if groups == 1 else o // per_group * group_channels + rc)) * _i32(weight[ry, rx, rc, o]),
-            axis=[ry, rx, rc],
-        ),
-        name="qconv2d_acc",
-    )
-    return _channel_epilogue(lambda b, y, x, o: acc[(b * oh + y) * ow + x, o], (n, oh, ow, out_channels), bias,
-                             multiplier, shift, output_zero_point, out_min, out_max, out_dtype, "qconv2d", high_word)
+    if grouped:
+        # [pixels, groups, O/groups]: the input channel g * C/groups + rc is invariant along the innermost
+        # axis and the weight's output channel is that axis, the form of the dot-product intrinsics (with the
+        # weight in the HWIO layout the input channel would depend on the output channel: nothing vectorizes).
+        acc = te.compute(
+            (n * oh * ow, groups, per_group),
+            lambda p, g, o: te.sum(_i32(window(p, g * group_channels + rc)) * _i32(weight[g, ry, rx, rc, o]),
+                                   axis=[ry, rx, rc]),
+            name="qconv2d_acc",
+        )
+
+        def pixel(b, y, x, o):
+            return acc[(b * oh + y) * ow + x, o // per_group, o % per_group]
+    else:
+        acc = te.compute(
+            (n * oh * ow, out_channels),
+            lambda p, o: te.sum(_i32(window(p, rc)) * _i32(weight[ry, rx, rc, o]), axis=[ry, rx, rc]),
+            name="qconv2d_acc",
+        )
+
+        def pixel(b, y, x, o):
+            return acc[(b * oh + y) * ow + x, o]
+    return _channel_epilogue(pixel, (n, oh, ow, out_channels), bias, multiplier, shift, output_zero_point, out_min,
+                             out_max, out_dtype, "qconv2d", high_word)
+
+
+def group_weight(hwio: np.ndarray, groups: int) -> np.ndarray:
+    """An HWIO weight [KH, KW, C/groups, O] as a grouped qconv2d takes it: [groups, KH, KW, C/groups, O/groups]."""
+    kh, kw, group_channels, out_channels = hwio.shape
+    return np.ascontiguousarray(
+        hwio.reshape(kh, kw, group_channels, groups, out_channels // groups).transpose(3, 0, 1, 2, 4))
 
 
 def qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min, out_max,

@@ -20,7 +20,7 @@ REL_ERR = 1e-4  # fp32: edgeq vs onnxruntime, relative to the output's largest m
 # shuffle, grouped convs, LayerNorm + GELU, attention, shifted windows, a segmentation head
 FP32 = ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_y_400mf", "convnext_small_width",
         "vit_small_width", "swin_small_width", "lraspp_mobilenet_v3_large"]
-INT8 = ["mobilenet_v3_small"]  # SiLU int8: the YOLOv8n test
+INT8 = ["mobilenet_v3_small", "regnet_y_400mf"]  # grouped convs + SE; SiLU int8: the YOLOv8n test
 YOLO_SIZE = 256
 
 

@@ -67,6 +67,13 @@ def conv_case(rng, shape, out_channels, kernel, *, stride=1, padding=None, dilat
     return data, consts, attrs
 
 
+def kernel_consts(consts, groups):
+    """conv_case's (HWIO weight, bias, multiplier, shift) as qconv2d takes them: a grouped conv's weight per group."""
+    weight, *epilogue = consts
+    grouped = 1 < groups and weight.shape[2] > 1
+    return (qkernels.group_weight(weight, groups) if grouped else weight, *epilogue)
+
+
 CONVS = {
     "3x3 u8": dict(shape=(1, 12, 12, 32), out_channels=32, kernel=3),
     "3x3 s8 out": dict(shape=(1, 10, 10, 16), out_channels=32, kernel=3, out_dtype="int8", zout=4),
@@ -86,6 +93,11 @@ CONVS = {
     "depthwise multiplier 2": dict(shape=(1, 8, 8, 6), out_channels=12, kernel=3, groups=6),
     "grouped": dict(shape=(1, 8, 8, 16), out_channels=32, kernel=3, groups=4),
     "grouped odd": dict(shape=(1, 7, 7, 9), out_channels=6, kernel=3, groups=3, dtype="int8"),
+    # RegNetX (16 channels per group), RegNetY (8), ResNeXt 32x4d (4): each on its dot-product tile
+    "grouped 16 per group stride 2": dict(shape=(1, 13, 13, 64), out_channels=64, kernel=3, groups=4, stride=2),
+    "grouped 8 per group": dict(shape=(1, 7, 7, 48), out_channels=48, kernel=3, groups=6),
+    "grouped 4 per group s8": dict(shape=(1, 6, 6, 32), out_channels=32, kernel=3, groups=8, dtype="int8",
+                                   out_dtype="int8"),
 }
 
 
@@ -96,7 +108,8 @@ def test_qconv2d_matches_numpy(case):
     expected = qkernels.reference_qconv2d(data, *consts, **attrs)
     assert len(np.unique(expected)) > 10, "test data saturates"
     assert attrs["high_word"]  # as realize builds them: shifts 33..62
-    np.testing.assert_array_equal(run(build(qkernels.qconv2d, [data], consts, **attrs), data), expected)
+    ex = build(qkernels.qconv2d, [data], kernel_consts(consts, attrs["groups"]), **attrs)
+    np.testing.assert_array_equal(run(ex, data), expected)
 
 
 @pytest.mark.parametrize("real", [0.3, 0.9])  # shifts 32, 31
@@ -247,7 +260,7 @@ def _host_has(feature: str) -> bool:
 def _conv_asm(target: str, dtype: str, in_channels=32, out_channels=32, groups=1) -> str:
     rng = np.random.default_rng(7)
     data, consts, attrs = conv_case(rng, (1, 8, 8, in_channels), out_channels, 3, dtype=dtype, groups=groups)
-    return llvm_assembly(build(qkernels.qconv2d, [data], consts, target=target, **attrs))
+    return llvm_assembly(build(qkernels.qconv2d, [data], kernel_consts(consts, groups), target=target, **attrs))
 
 
 @pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")
@@ -255,6 +268,15 @@ def test_host_conv_uses_vnni_and_pmuldq():
     asm = _conv_asm("host", "uint8")
     assert "vpdpbusd" in asm
     assert "vpmuldq" in asm and "vpmullq" not in asm  # the requantize multiply is 32x32->64
+
+
+@pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("per_group", [4, 8, 16])
+def test_host_grouped_conv_uses_vnni(per_group):
+    """A grouped conv (RegNet, ResNeXt) reduces its group's channels with vpdpbusd like a dense one: computed as
+    [pixels, groups, channels per group], its input channel does not depend on the output channel."""
+    asm = _conv_asm("host", "uint8", in_channels=4 * per_group, out_channels=4 * per_group, groups=4)
+    assert "vpdpbusd" in asm
 
 
 def test_host_depthwise_is_vectorized():

@@ -60,6 +60,9 @@ CASES = {
     "grouped_dilated": (
         [_conv("x", "w", "y", "b", pads=[2, 2, 2, 2], group=2, dilations=[2, 2])],
         {"w": _w(8, 4, 3, 3), "b": _w(8)}, {"x": [1, 8, 8, 8]}, [1, 8, 8, 8]),
+    "grouped_8_per_group_stride2": (  # RegNetY's group width: the grouped dot-product kernel
+        [_conv("x", "w", "y", "b", pads=[1, 1, 1, 1], group=4, strides=[2, 2])],
+        {"w": _w(32, 8, 3, 3), "b": _w(32)}, {"x": [1, 32, 9, 9]}, [1, 32, 5, 5]),
     "gemm_transB": (
         [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")],
         {"w": _w(10, 64), "b": _w(10)}, {"x": [2, 64]}, [2, 10]),

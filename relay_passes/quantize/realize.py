@@ -373,8 +373,11 @@ class _Realizer:
         acc_scale = qt.scale * w_scale
         bias_i32 = np.round(b / acc_scale) - qt.zero_point * w.reshape(channels, -1).sum(axis=1)
         multiplier, shift = scheme.fixed_point_multiplier(acc_scale / scale)
+        hwio = w.astype(np.int8).transpose(2, 3, 1, 0)
+        if 1 < int(attrs.groups) and w.shape[1] > 1:
+            hwio = qkernels.group_weight(hwio, int(attrs.groups))
         var = self._emit(
-            qkernels.qconv2d, qt.var, self._weight_const(w.astype(np.int8).transpose(2, 3, 1, 0), weight),
+            qkernels.qconv2d, qt.var, self._weight_const(hwio, weight),
             *self._epilogue_consts(bias_i32, multiplier, shift, bias, weight),
             high_word=scheme.uses_high_word(shift),
             strides=tuple(int(s) for s in attrs.strides), padding=padding,
