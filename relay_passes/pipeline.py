@@ -10,6 +10,7 @@ from tvm import relax, transform
 
 from .clip_ops import clip_to_ops
 from .conv_transpose import conv_transpose_as_conv
+from .conv_valid_taps import conv_valid_taps
 from .float16_accumulate import float16_accumulate
 from .fold_constants import fold_constants
 from .variadic_ops import variadic_as_pairwise
@@ -31,6 +32,7 @@ def inference_passes() -> list[transform.Pass]:
         relax.transform.DecomposeOpsForInference(),
         fold_constants,  # numpy: the BN and Clip-bound arithmetic, without an LLVM build per op
         relax.transform.FoldConstant(),
+        conv_valid_taps,  # needs the folded kernels
         clip_to_ops,
         relax.transform.DeadCodeElimination(),
     ]
