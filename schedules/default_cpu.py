@@ -41,7 +41,8 @@ from edgeq.errors import raise_if_interrupted
 from relay_passes.fold_constants import fold_constant_tir_calls, fold_constants
 
 from .depthwise_dot import is_depthwise_dot, schedule_depthwise_dot
-from .dot_product import STACK_TILE_BYTES, dot_intrins, is_integer_dot, schedule_dot_product
+from .dot_product import (STACK_TILE_BYTES, dot_intrins, inline_epilogues, is_integer_dot, row_tile,
+                          schedule_dot_product)
 
 # ScheduleError and the other FFI errors (InternalError, ...) are RuntimeErrors.
 # TypeError: int() of a symbolic (dynamic-shape) extent.
@@ -315,7 +316,7 @@ def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
             row = rows[-1]
             extent = int(sch.get(row).extent)
             most = min(_MAX_UNROLL_TILE, (STACK_TILE_BYTES - 1) // (lanes * dtype_bytes))
-            factor = _row_tile(extent, max(most, 1))
+            factor = row_tile(extent, max(most, 1))
             ro, ri = sch.split(row, [None, factor])
             outer[outer.index(row)] = ro
             inner.insert(0, ri)
@@ -325,11 +326,7 @@ def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
         sch.parallel(fused)
     if inner:
         cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
-        for consumer in sch.get_consumers(cache):
-            try:
-                sch.reverse_compute_inline(consumer)
-            except _ERRORS:
-                pass
+        inline_epilogues(sch, cache)
         sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(cache)[-1])
         # vectorize (and parallelise, above) before decompose_reduction: the
@@ -341,16 +338,6 @@ def _tile_reduction(sch: Schedule, block, vector_bytes: int) -> None:
             init_inner = sch.get_loops(sch.decompose_reduction(block, reduction[0]))[-1]
             if sch.get(init_inner).kind != tirx.ForKind.VECTORIZED:
                 sch.vectorize(init_inner)
-
-
-def _row_tile(extent: int, most: int) -> int:
-    """Rows of the register tile: the largest divisor of the extent up to ``most``, or, when that leaves the
-    tile less than half full (ViT's 197 tokens are prime: 1 row, 2 accumulators, 3.7x slower than 196), the
-    width in most/2..most wasting the fewest rows; TVM guards the last, partial tile with a predicate."""
-    divisor = max(f for f in range(1, most + 1) if extent % f == 0)
-    if 2 * divisor > most or extent <= most:
-        return divisor
-    return min(range(most, (most + 1) // 2 - 1, -1), key=lambda f: -extent % f)
 
 
 def _pack_constant_operands(sch: Schedule, block, vloop, tile: int) -> None:

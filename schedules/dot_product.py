@@ -157,20 +157,36 @@ def _layout_free(sch: Schedule) -> list:
     return [func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])]
 
 
-def _register_tile(rows: int, vectors: int, intrin: DotIntrin) -> tuple[int, int]:
-    """(r, v): r divides ``rows``, v divides ``vectors``; the most accumulators r * v that fit (in registers, and
-    as a tile buffer on the stack), then the fewest loads per step (r broadcasts + v weight vectors).  A 13x13
-    image gets 13 x 1, a 56x56 one 7 x 2."""
+def _register_tile(rows: int, vectors: int, intrin: DotIntrin, exact: bool = False) -> tuple[int, int]:
+    """(r, v): v divides ``vectors``, r rows per :func:`row_tile` (``exact``: a divisor of ``rows``); the most
+    accumulators r * v that fit (in registers, and as a tile buffer on the stack), then the fewest loads per
+    step (r broadcasts + v weight vectors).  A 13x13 image gets 13 x 1, a 56x56 one 7 x 2, ViT's 197 tokens
+    6 x 2 (the rows padded to 198)."""
     limit = min(intrin.max_accumulators, (STACK_TILE_BYTES - 1) // (intrin.lanes * 4))  # int32 accumulators
-    tiles = [(r, v) for r in range(1, min(rows, limit) + 1) if rows % r == 0
-             for v in range(1, min(vectors, intrin.max_vectors) + 1) if vectors % v == 0 and r * v <= limit]
+
+    def rows_for(most):
+        return max(r for r in range(1, most + 1) if rows % r == 0) if exact else row_tile(rows, most)
+
+    tiles = [(rows_for(min(rows, limit // v)), v)
+             for v in range(1, min(vectors, intrin.max_vectors, limit) + 1) if vectors % v == 0]
     return max(tiles, key=lambda rv: (rv[0] * rv[1], -rv[0] - rv[1]))
 
 
-def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin]) -> None:
+def row_tile(extent: int, most: int) -> int:
+    """Rows of the register tile: the largest divisor of the extent up to ``most``, or, when that leaves the
+    tile less than half full (ViT's 197 tokens are prime: 1 row, 2 accumulators, 3.7x slower than 196), the
+    width in most/2..most wasting the fewest rows; TVM guards the last, partial tile with a predicate."""
+    divisor = max(f for f in range(1, most + 1) if extent % f == 0)
+    if 2 * divisor > most or extent <= most:
+        return divisor
+    return min(range(most, (most + 1) // 2 - 1, -1), key=lambda f: -extent % f)
+
+
+def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin], tile_shape=None) -> None:
     """Tile, repack, cache and tensorize one integer dot-product block with the first intrinsic that fits.
 
-    Raises ValueError if none does (data dtype, or channel counts not multiples of its tile).
+    Raises ValueError if none does (data dtype, or channel counts not multiples of its tile).  ``tile_shape``
+    (rows, vectors) overrides the register tile's choice.
     """
     for intrin in intrins:
         match = _match(sch, block, intrin)
@@ -200,8 +216,19 @@ def schedule_dot_product(sch: Schedule, block, intrins: list[DotIntrin]) -> None
     # depend on (pixels; not a grouped conv's group).
     shares_weight = {lp for lp, iv in bound if not any(iv.var.same_as(v) for v in match.weight_vars)}
     rows_loop = next((lp for lp in reversed(spatial) if int(sch.get(lp).extent) > 1 and lp in shares_weight), None)
-    rows, vectors = _register_tile(int(sch.get(rows_loop).extent) if rows_loop is not None else 1,
-                                   int(sch.get(o_loop).extent) // intrin.lanes, intrin)
+    row_extent = int(sch.get(rows_loop).extent) if rows_loop is not None else 1
+    rows, vectors = tile_shape or _register_tile(row_extent, int(sch.get(o_loop).extent) // intrin.lanes, intrin)
+    if row_extent % rows:
+        # A partial last row tile: the tensorized block cannot carry the predicate, so the rows are padded to
+        # whole tiles instead (an einsum such as dense; a conv's windowed read is not one, and keeps a tile
+        # that divides its rows).
+        row_var = next(iv.var for lp, iv in bound if lp.same_as(rows_loop))
+        try:
+            sch.pad_einsum(block, [rows if iv.var.same_as(row_var) else 1 for iv in stmt.iter_vars])
+        except (RuntimeError, ValueError):
+            exact = _register_tile(row_extent, int(sch.get(o_loop).extent) // intrin.lanes, intrin, exact=True)
+            return schedule_dot_product(sch, block, intrins, exact)
+        return schedule_dot_product(sch, block, intrins, (rows, vectors))
     tile = intrin.lanes * vectors
 
     _pack_weight(sch, block, match.weight, tile, intrin)
@@ -232,13 +259,32 @@ def tile_accumulator(sch: Schedule, block, fused, work: int):
     if work >= _MIN_PARALLEL_WORK and int(sch.get(fused).extent) > 1:
         sch.parallel(fused)
     cache = sch.cache_write(block, 0, "global")  # on the stack: see STACK_TILE_BYTES
-    for consumer in sch.get_consumers(cache):
+    inline_epilogues(sch, cache)
+    sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
+    return cache
+
+
+def inline_epilogues(sch: Schedule, block) -> None:
+    """Inline the consumers of ``block`` that write as many elements as it does (bias, activation, requantize,
+    a reshape) into it.  A consumer writing fewer (a slice of a padded result) stays a block of its own: TVM's
+    reverse_compute_inline keeps the producer's loop domain and would write past the end of the smaller buffer."""
+    produced = _elements(sch.get(block).writes[0].source)
+    for consumer in sch.get_consumers(block):
+        if len(sch.get(consumer).writes) != 1 or _elements(sch.get(consumer).writes[0].source) != produced:
+            continue
         try:
             sch.reverse_compute_inline(consumer)
         except (RuntimeError, ValueError):
             pass
-    sch.reverse_compute_at(cache, fused, preserve_unit_loops=True)
-    return cache
+
+
+def _elements(buffer) -> int | None:
+    total = 1
+    for extent in buffer.shape:
+        if not isinstance(extent, tirx.IntImm):
+            return None
+        total *= int(extent)
+    return total
 
 
 def _vectorize_by(sch: Schedule, loop, lanes: int) -> None:

@@ -13,6 +13,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from .default_cpu import default_cpu_layout_passes, default_cpu_schedule
 from .fast_math import FAST_MATH
 from .grouped_conv import GROUPED_CONV
+from .padded_matmul import PADDED_MATMUL
 from .reductions import INFINITE_START_REDUCTIONS
 from .tune import tuned_schedules
 
@@ -21,7 +22,7 @@ def pre_schedule_passes(target: tvm.target.Target) -> list:
     """Layout, legalization and fusion: the fused PrimFuncs they leave are what gets scheduled or tuned."""
     return (default_cpu_layout_passes(target)
             + cpu_generic.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH, **GROUPED_CONV})]
+            + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH, **GROUPED_CONV, **PADDED_MATMUL})]
             + cpu_generic.legalize_passes(target)
             + [relax.transform.AttachAttrLayoutFreeBuffers()])  # marks weight params for compile-time repacking
 

@@ -13,7 +13,7 @@ from tvm import relax, topi
 
 import targets
 from relay_passes.quantize import scheme
-from schedules import depthwise_dot, qkernels
+from schedules import depthwise_dot, dot_product, qkernels
 from schedules.lowering import lowering_pipeline
 
 
@@ -148,7 +148,8 @@ def test_reference_qconv2d_matches_float_convolution():
 
 
 @pytest.mark.parametrize("rows, depth, features, dtype", [(1, 128, 64, "uint8"), (5, 60, 40, "uint8"),
-                                                           (3, 33, 17, "int8"), (1, 512, 1000, "uint8")])
+                                                           (3, 33, 17, "int8"), (1, 512, 1000, "uint8"),
+                                                           (197, 64, 96, "uint8")])  # ViT's prime token count
 def test_qdense_matches_numpy(rows, depth, features, dtype):
     rng = np.random.default_rng(depth)
     data = random_q(rng, (rows, depth), dtype)
@@ -268,6 +269,20 @@ def test_host_conv_uses_vnni_and_pmuldq():
     asm = _conv_asm("host", "uint8")
     assert "vpdpbusd" in asm
     assert "vpmuldq" in asm and "vpmullq" not in asm  # the requantize multiply is 32x32->64
+
+
+@pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")
+def test_host_dense_with_prime_rows_keeps_a_full_register_tile_on_vnni():
+    """197 rows (ViT's tokens) have no divisor to tile by: the rows are padded to whole 6-row tiles so the
+    tile still tensorizes (a predicated partial tile does not), 6 x 2 accumulators instead of 1 x 2."""
+    rng = np.random.default_rng(3)
+    data = random_q(rng, (197, 64), "uint8")
+    consts = (rng.integers(-127, 128, size=(64, 96)).astype("int8"), *channel_params(rng, 96, 64))
+    attrs = dict(input_zero_point=9, output_zero_point=-2, out_min=-128, out_max=127, out_dtype="int8",
+                 high_word=scheme.uses_high_word(consts[3]))
+    asm = llvm_assembly(build(qkernels.qdense, [data], consts, **attrs))
+    assert "vpdpbusd" in asm
+    assert dot_product._register_tile(197, 96 // 16, dot_product.dot_intrins(target_of("host"))[0]) == (6, 2)
 
 
 @pytest.mark.skipif(not _host_has("avx512vnni"), reason="host CPU has no AVX-512 VNNI")

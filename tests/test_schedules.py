@@ -90,9 +90,9 @@ def test_a_prime_row_count_still_gets_a_full_register_tile():
     from conftest import ort_outputs
     from onnx import TensorProto, helper, numpy_helper
 
-    from schedules.default_cpu import _row_tile
+    from schedules.dot_product import row_tile
 
-    assert [_row_tile(extent, 8) for extent in (196, 197, 13, 7, 22)] == [7, 6, 7, 7, 8]
+    assert [row_tile(extent, 8) for extent in (196, 197, 13, 7, 22)] == [7, 6, 7, 7, 8]
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 48)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -111,4 +111,36 @@ def test_a_prime_row_count_still_gets_a_full_register_tile():
     with tempfile.TemporaryDirectory() as out:
         ours = next(iter(edgeq.build(model, "host", out).run({"x": x}).values()))
     oracle = ort_outputs(model, {"x": x})[0]
+    assert np.abs(ours - oracle).max() <= 1e-5 * np.abs(oracle).max()
+
+
+def test_attention_scores_with_a_prime_token_count_are_vectorized_and_exact():
+    """q @ k^T over ViT's 197 tokens: no lane count divides the output width, so k^T gets zero columns up to a
+    multiple of 16 (schedules.padded_matmul) and the result is sliced back. The slice must stay a block of its
+    own: inlined into the padded write-back it wrote past the end of each row (wrong scores)."""
+    import re
+    import tempfile
+
+    import numpy as np
+    from conftest import ort_outputs
+    from onnx import TensorProto, helper
+
+    tokens = 197
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["q", "k"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)], "g",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 2, tokens, 16]),
+         helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 2, 16, tokens])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, tokens, tokens])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    lowered = lowering_pipeline(host_target())(pipeline.optimize(edgeq.load_onnx(model).mod))
+    script = next(f.script() for gv, f in lowered.functions.items()
+                  if isinstance(f, tirx.PrimFunc) and "matmul" in gv.name_hint)
+    assert re.search(r"T\.vectorized\(T\.int64\(16\)\)", script)
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((1, 2, tokens, 16)).astype(np.float32),
+             "k": rng.standard_normal((1, 2, 16, tokens)).astype(np.float32)}
+    with tempfile.TemporaryDirectory() as out:
+        ours = edgeq.build(model, "host", out).run(feeds)["y"]
+    oracle = ort_outputs(model, feeds)[0]
     assert np.abs(ours - oracle).max() <= 1e-5 * np.abs(oracle).max()
