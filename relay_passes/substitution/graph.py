@@ -262,8 +262,8 @@ class Graph:
             if expr not in env:
                 raise Unsupported(f"free variable {expr.name}")
             return env[expr]
-        if isinstance(expr, ir_expr.Constant):
-            return self.add(Node("const", ty=expr.ty, value=expr.value.numpy()))
+        if isinstance(expr, ir_expr.Constant) and hasattr(expr.value, "numpy"):  # a tensor; scalar immediates
+            return self.add(Node("const", ty=expr.ty, value=expr.value.numpy()))  # (slice bounds) are literals
         if isinstance(expr, relax.Tuple):
             fields = [self._import(f, env) for f in expr.fields]
             return self.add(Node("tuple", tuple(fields), ty=expr.ty))
