@@ -11,8 +11,9 @@ image form one contiguous range, which changes only near the borders. The output
 range; a run of outputs times a run of columns is a region, and each region is an unpadded convolution of a
 slice of the input with the slice of the kernel holding its taps. The regions are concatenated back.
 Exact: the dropped taps multiply zeros. Applied to a conv with a constant kernel (after BN folding) when the
-taps that read the image are at most ``MAX_USEFUL_SHARE`` of the MACs; an ordinary 3x3 conv with pad 1 keeps
-its padding.
+taps that read the image are at most ``MAX_USEFUL_SHARE`` of the MACs and the MACs saved pay for the extra
+calls (``MIN_SAVED_MACS`` per region): an ordinary 3x3 conv with pad 1 keeps its padding, and so does a small
+one on a 4x4 map (a third of its MACs read padding, but nine calls would cost more than they save).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 MAX_USEFUL_SHARE = 0.75  # rewrite when at least a quarter of the MACs multiply padding
 MAX_REGIONS = 9  # each region is a conv call and an input slice of its own
+MIN_SAVED_MACS = 1 << 18  # per region: about a microsecond of one core's FMAs, the cost of a kernel call
 
 
 def tap_runs(size: int, out_size: int, kernel: int, stride: int, dilation: int, pad_before: int):
@@ -43,10 +45,12 @@ def tap_runs(size: int, out_size: int, kernel: int, stride: int, dilation: int, 
     return runs
 
 
-def _useful_share(rows, cols, kernel_rows: int, kernel_cols: int) -> float:
+def _pays(rows, cols, kernel_rows: int, kernel_cols: int, macs_per_tap: int) -> bool:
+    """Whether computing only the taps inside the image saves enough MACs (see the module docstring)."""
     useful = sum((r[1] - r[0]) * (r[3] - r[2]) for r in rows) * sum((c[1] - c[0]) * (c[3] - c[2]) for c in cols)
     total = (rows[-1][1] * kernel_rows) * (cols[-1][1] * kernel_cols)
-    return useful / total
+    saved = (total - useful) * macs_per_tap
+    return useful <= MAX_USEFUL_SHARE * total and saved >= MIN_SAVED_MACS * len(rows) * len(cols)
 
 
 def _static_ints(expr) -> list[int] | None:
@@ -74,7 +78,7 @@ class _ConvValidTaps(PyExprMutator):
         rows = tap_runs(x_shape[2], out_shape[2], w.shape[2], sh, dh, pt)
         cols = tap_runs(x_shape[3], out_shape[3], w.shape[3], sw, dw, pl)
         if (len(rows) * len(cols) > MAX_REGIONS or any(r[2] == r[3] for r in rows + cols)
-                or _useful_share(rows, cols, w.shape[2], w.shape[3]) > MAX_USEFUL_SHARE):
+                or not _pays(rows, cols, w.shape[2], w.shape[3], macs_per_tap=w.shape[0] * w.shape[1])):
             return call
         bb = self.builder_
         out_dtype = str(call.ty.dtype)

@@ -15,11 +15,13 @@ from relay_passes.conv_valid_taps import tap_runs
 REL_ERR = 1e-5  # the same products summed in another order
 
 CONVS = {  # name: (input channels, output channels, groups, (height, width), Conv attributes, rewritten)
-    "aspp_dilation_12": (16, 8, 1, (10, 10), dict(dilations=[6, 6], pads=[6, 6, 6, 6]), True),
-    "aspp_taps_all_outside": (16, 8, 1, (10, 10), dict(dilations=[12, 12], pads=[12, 12, 12, 12]), True),
-    "stride_2_asymmetric": (8, 8, 1, (9, 12), dict(dilations=[5, 7], pads=[5, 3, 4, 7], strides=[2, 2]), True),
-    "grouped": (8, 12, 4, (7, 7), dict(dilations=[4, 4], pads=[4, 4, 4, 4]), True),
+    "aspp_dilation_12": (64, 64, 1, (20, 20), dict(dilations=[12, 12], pads=[12, 12, 12, 12]), True),
+    "aspp_taps_all_outside": (64, 32, 1, (10, 10), dict(dilations=[12, 12], pads=[12, 12, 12, 12]), True),
+    "stride_2_asymmetric": (96, 96, 1, (18, 24), dict(dilations=[10, 14], pads=[10, 6, 8, 14], strides=[2, 2]),
+                            True),
+    "grouped": (128, 96, 4, (14, 14), dict(dilations=[8, 8], pads=[8, 8, 8, 8]), True),
     "ordinary_3x3": (8, 8, 1, (12, 12), dict(pads=[1, 1, 1, 1]), False),
+    "small_map": (16, 32, 1, (4, 4), dict(pads=[1, 1, 1, 1]), False),  # the digits CNN's second conv
 }
 
 
