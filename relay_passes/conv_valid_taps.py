@@ -69,7 +69,8 @@ class _ConvValidTaps(PyExprMutator):
         a = call.attrs
         x, weight = call.args
         x_shape, out_shape = _static_ints(x), _static_ints(call)
-        if (not isinstance(weight, Constant) or not hasattr(weight.value, "numpy") or x_shape is None or out_shape is None
+        constant = isinstance(weight, Constant) and hasattr(weight.value, "numpy")
+        if (not constant or x_shape is None or out_shape is None
                 or (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW")):
             return call
         w = weight.value.numpy()

@@ -22,7 +22,8 @@ def pre_schedule_passes(target: tvm.target.Target) -> list:
     """Layout, legalization and fusion: the fused PrimFuncs they leave are what gets scheduled or tuned."""
     return (default_cpu_layout_passes(target)
             + cpu_generic.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH, **GROUPED_CONV, **PADDED_MATMUL})]
+            + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH, **GROUPED_CONV,
+                                            **PADDED_MATMUL})]
             + cpu_generic.legalize_passes(target)
             + [relax.transform.AttachAttrLayoutFreeBuffers()])  # marks weight params for compile-time repacking
 
