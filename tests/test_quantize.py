@@ -77,6 +77,12 @@ CASES = {
     "maxpool": (
         [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
                           name="pool")], {}, {"x": [1, 8, 9, 9]}, [1, 8, 5, 5]),
+    "maxpool_ceil": (  # GoogLeNet's pools (torch ceil_mode=True): the last window is partial
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1,
+                          name="pool")], {}, {"x": [1, 8, 10, 10]}, [1, 8, 5, 5]),
+    "maxpool_ceil_2x2_odd": (
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+                          name="pool")], {}, {"x": [1, 8, 7, 7]}, [1, 8, 4, 4]),
     "avgpool": (
         [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], name="pool")], {},
         {"x": [1, 8, 8, 8]}, [1, 8, 4, 4]),
@@ -134,6 +140,57 @@ def test_realized_op_matches_onnxruntime_on_the_same_qdq_model(case):
     assert np.abs(ours - oracle).max() <= step * 1.001, case
     fp32 = ort_outputs(model, feeds)[0]
     assert np.abs(ours - fp32).max() < 0.1 * np.abs(fp32).max() + 2 * step  # and it is still the model
+
+
+@pytest.mark.parametrize("case", ["maxpool", "maxpool_ceil", "maxpool_ceil_2x2_odd"])
+def test_max_pool_is_realized_on_integer_codes(case):
+    from tvm import relax
+
+    from relay_passes.quantize import realize_onnx
+
+    nodes, inits, inputs, out_shape = CASES[case]
+    model = _model(nodes, inits, inputs, out_shape)
+    mod = realize_onnx(edgeq.quantize(model, _calibration(model)).qdq, "uint8")
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    kernels = [str(c.args[0].name_hint) for c in calls if getattr(c.op, "name", "") == "relax.call_tir"]
+    assert "relax.nn.max_pool2d" not in ops and any(k.startswith("qmax_pool2d") for k in kernels)
+
+
+def test_max_pools_and_concat_after_a_float_op_are_quantized_at_their_input():
+    """YOLOv8's SPPF block: SiLU -> max pools -> concat -> conv. The pools and the concat read a float tensor
+    (SiLU is no quantized op), but their output is quantized for the conv anyway: quantizing SiLU's output
+    instead makes them integer (a max and a copy commute with quantization), and SiLU becomes a table."""
+    from tvm import relax
+
+    from relay_passes.quantize import realize_onnx
+
+    nodes = [_conv("x", "w1", "c", "b1", pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+             helper.make_node("Mul", ["c", "s"], ["a"], name="silu"),
+             helper.make_node("MaxPool", ["a"], ["p1"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], name="pool1"),
+             helper.make_node("MaxPool", ["p1"], ["p2"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], name="pool2"),
+             helper.make_node("Concat", ["a", "p1", "p2"], ["cat"], axis=1, name="cat"),
+             _conv("cat", "w2", "y", "b2")]
+    w2 = _w(8, 24, 1, 1)
+    model = _model(nodes, {"w1": _w(8, 4, 3, 3), "b1": _w(8), "w2": w2, "b2": _w(8)}, {"x": [1, 4, 8, 8]},
+                   [1, 8, 8, 8])
+    quantized = edgeq.quantize(model, _calibration(model))
+    assert {"pool1", "pool2", "cat"} <= {g.node for g in quantized.plan.groups}, quantized.plan.skipped
+    mod = realize_onnx(quantized.qdq, "uint8")
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    assert not {"relax.nn.max_pool2d", "relax.sigmoid"} & set(ops) and ops.count("relax.dequantize") == 1, ops
+    feeds = _feeds(model)
+    ours = _run_host(model, quantized.qdq)(feeds)
+    oracle = ort_outputs(quantized.qdq, feeds)[0]
+    # integer requantization may round a concat code one step off ORT's float path (ties); through the 1x1
+    # conv that is at most the concat's step times the largest |w| row sum, plus the output's own step
+    cat_scale = float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer
+                                                 if t.name == "cat.scale")))
+    bound = cat_scale * np.abs(w2).sum(axis=(1, 2, 3)).max() + _output_scale(quantized)
+    assert np.abs(ours - oracle).max() <= bound * 1.001
 
 
 def test_realized_graph_is_integer_end_to_end():

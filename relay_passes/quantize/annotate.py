@@ -163,8 +163,29 @@ def _weight_axis(node) -> int:
     return 1  # MatMul: [K, N], output channels on axis 1
 
 
+# Followers that commute with quantization (a max, a copy): when one reads a float tensor but its output is
+# quantized anyway (a conv reads it), quantizing its input instead turns the op itself integer at no extra
+# round trip. YOLOv8's SPPF: SiLU -> three 5x5 max pools -> concat -> conv ran its pools and concat in float.
+_HOISTED = ("MaxPool", "Concat")
+
+
 def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
     """Which nodes are quantized (as groups) and which stay float, for a shape-inferred, named model."""
+    hoisted: set[str] = set()
+    while True:
+        result = _plan(model, policy, hoisted)
+        more = {node for node, reason in result.skipped.items() if reason == _FLOAT_INPUT} & {
+            n.name for n in model.graph.node if n.op_type in _HOISTED and n.output[0] in result.tensors}
+        if not more:
+            return result
+        hoisted |= more
+
+
+_FLOAT_INPUT = "its input is not quantized"
+
+
+def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:
+    """One planning pass; the ``hoisted`` followers are quantized even on float inputs."""
     graph = model.graph
     consts = _constants(graph)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -182,6 +203,7 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
         excluded.add(weighted[-1])
     result, fused = Plan(), set()
     quantized = {i.name for i in graph.input}  # the model's inputs are quantized at the edge when read
+    quantized |= {name for node in graph.node if node.name in hoisted for name in node.input}
     for node in graph.node:
         if node.name in fused or node.op_type not in OP_RULES:
             continue
@@ -190,7 +212,7 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
             continue
         reason = _why_not(node, consts, shapes)
         if not reason and node.op_type in FOLLOWERS and not quantized & set(node.input):
-            reason = "its input is not quantized"
+            reason = _FLOAT_INPUT
         if reason:
             result.skipped[node.name] = reason
             continue

@@ -521,11 +521,14 @@ class _Realizer:
 
         attrs = pool.attrs
         qt = self._dequantized(pool.args[0])
-        if qt is None or bias is not None or str(attrs.layout) != "NCHW" or bool(attrs.ceil_mode):
+        if qt is None or bias is not None or str(attrs.layout) != "NCHW":
             return None
         qt = self._nhwc(qt)
-        var = self._emit(qkernels.qmax_pool2d, qt.var, pool_size=_ints(attrs.pool_size), strides=_ints(attrs.strides),
-                         padding=_ints(attrs.padding), dilation=_ints(attrs.dilation), name="qmax_pool2d")
+        pool_size, strides, dilation = _ints(attrs.pool_size), _ints(attrs.strides), _ints(attrs.dilation)
+        padding = _ceil_padding(_ints(attrs.padding), [int(d) for d in qt.var.ty.shape][1:3],
+                                [int(d) for d in pool.ty.shape][2:], pool_size, strides, dilation)
+        var = self._emit(qkernels.qmax_pool2d, qt.var, pool_size=pool_size, strides=strides,
+                         padding=padding, dilation=dilation, name="qmax_pool2d")
         return self._requantize(QTensor(var, qt.scale, qt.zero_point, qt.dtype, "NHWC", qt.bits), scale, zero, lo, hi)
 
     def _avg_pool(self, pool, bias, scale, zero, lo, hi):
@@ -606,6 +609,17 @@ def _low_bit_weight(w: np.ndarray) -> int:
 
 
 # --- expression helpers ---------------------------------------------------------------------------------
+
+def _ceil_padding(padding, in_size, out_size, pool_size, strides, dilation) -> tuple[int, ...]:
+    """(top, left, bottom, right) padding that gives the float op's output size with floor rounding: ceil_mode's
+    last, partial windows read extra bottom/right padding. Padding holds the dtype's minimum, which a max never
+    picks over a real value, and which is what quantize gives a float window of padding only (-inf)."""
+    top, left, bottom, right = padding
+    extra = [max(0, (o - 1) * s + d * (k - 1) + 1 - (i + before + after))
+             for i, o, k, s, d, before, after in zip(in_size, out_size, pool_size, strides, dilation,
+                                                     (top, left), (bottom, right))]
+    return top, left, bottom + extra[0], right + extra[1]
+
 
 def _call_tir_name(value) -> str | None:
     """The name of the PrimFunc a call_tir calls, without the numeric suffix of shape variants (minimum3)."""
