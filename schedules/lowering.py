@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from .concat_parts import CONCAT_PARTS
 from .default_cpu import default_cpu_layout_passes, default_cpu_schedule
 from .fast_math import FAST_MATH
 from .grouped_conv import GROUPED_CONV
@@ -23,7 +24,7 @@ def pre_schedule_passes(target: tvm.target.Target) -> list:
     return (default_cpu_layout_passes(target)
             + cpu_generic.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps({**INFINITE_START_REDUCTIONS, **FAST_MATH, **GROUPED_CONV,
-                                            **PADDED_MATMUL})]
+                                            **PADDED_MATMUL, **CONCAT_PARTS})]
             + cpu_generic.legalize_passes(target)
             + [relax.transform.AttachAttrLayoutFreeBuffers()])  # marks weight params for compile-time repacking
 
