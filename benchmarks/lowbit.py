@@ -66,7 +66,7 @@ def low_bit_kernels(qdq: onnx.ModelProto) -> list[str]:
     """Names of the bit-serial kernels the realize pass makes of a QDQ model (empty: none went low-bit)."""
     from tvm import relax
 
-    from relay_passes.quantize import realize_onnx
+    from edgeq.compiler import realize_onnx
 
     mod = realize_onnx(qdq, "uint8")
     return [str(b.value.args[0].name_hint) for b in mod["main"].body.blocks[0].bindings
@@ -144,7 +144,7 @@ def run_on_device(session, artifact, x: np.ndarray, name: str) -> np.ndarray:
 
 def emulated_pi(layer_models: list, work: Path, timeout: float) -> tuple[list[list], str]:
     """Build each w2a2 layer for rpi4, run it on the emulated Pi 4, compare with its host build."""
-    from edgeq.deploy import rpc
+    from targets import rpc
     from edgeq.deploy.emulate import emulate, stop
     from edgeq.errors import EdgeqError
 

@@ -2,8 +2,8 @@
 
 Models (random seeded weights, ONNX built like edgeq/zoo.py): an Inception-style network (parallel
 1x1 / 1x1->3x3 / 1x1->5x5 / pool->1x1 branches of one input, concatenated; 56² and 28² blocks, 64-256
-channels) and ResNet-18. For each, the Relax module the build compiles (edgeq.build.graph_module) is compiled
-by edgeq.build.codegen (edgeq lowering for host) as it is and after `substitute`, both executables are run on
+channels) and ResNet-18. For each, the Relax module the build compiles (edgeq.compiler.graph_module) is compiled
+by edgeq.compiler.codegen (edgeq lowering for host) as it is and after `substitute`, both executables are run on
 the same input and compared, and their latencies are measured interleaved (A, B, A, B, ...) at the same
 thread count so machine drift hits both alike. Then an alpha x budget sweep on the measured cost model, with
 one op-cost cache shared by every search of the run (so the sweep does not re-measure). Writes
@@ -30,7 +30,7 @@ from edgeq import zoo  # noqa: E402
 
 import targets  # noqa: E402
 from edgeq.artifact import thread_count  # noqa: E402
-from edgeq.build import codegen, graph_module  # noqa: E402
+from edgeq.compiler import codegen, graph_module  # noqa: E402
 from edgeq.frontend import load_onnx  # noqa: E402
 from relay_passes.substitution import rules as rule_table  # noqa: E402
 from relay_passes.substitution import substitute  # noqa: E402

@@ -26,7 +26,7 @@ from edgeq import zoo  # noqa: E402
 
 import edgeq  # noqa: E402
 import targets  # noqa: E402
-from edgeq.build import graph_module  # noqa: E402
+from edgeq.compiler import graph_module  # noqa: E402
 from edgeq.report import plot_tuning_curves  # noqa: E402
 from schedules import tune  # noqa: E402
 

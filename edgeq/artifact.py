@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from targets.atomic import atomic_path, write_atomic
+
 from .errors import EdgeqError, one_line
 from .tensors import TensorSpec, match_inputs, random_inputs
 
@@ -57,9 +59,7 @@ def atomic_directory(out_dir: str | os.PathLike):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:
@@ -207,13 +207,5 @@ def thread_count(threads: int | None):
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz" to its name
+        np.savez(f, **arrays)

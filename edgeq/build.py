@@ -7,14 +7,14 @@ import os
 import tempfile
 from pathlib import Path
 
-import onnx
 
 import targets
 
-from . import __version__
+from .compiler import codegen, graph_module
 from .artifact import FORMAT, FORMAT_VERSION, QUANTIZED_MODEL, SOURCE_MODEL, Artifact, atomic_directory, write_manifest
 from .errors import EdgeqError, interruptible, one_line, raise_if_interrupted
 from .frontend import ImportedModel, load_onnx
+from .version import __version__
 
 
 def _quantization_summary(model: ImportedModel, quantized, mod) -> dict:
@@ -80,34 +80,6 @@ def _modules(module):
     yield module
     for child in module.imports:
         yield from _modules(child)
-
-
-def graph_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
-    """The Relax module after graph passes. A QDQ model (given, or the imported model itself when it is
-    pre-quantized) is realized into integer kernels."""
-    from relay_passes import pipeline
-    from relay_passes.quantize import is_quantized, realize, realize_onnx
-
-    if qdq is None and is_quantized(model.onnx_model):
-        qdq = model.onnx_model
-    target = targets.tvm_target(preset)
-    return pipeline.optimize(model.mod if qdq is None else realize_onnx(qdq, realize.activation_dtype(target), target))
-
-
-def codegen(mod, preset: targets.Preset, tuning_dbs=(), applied: list | None = None):
-    """Lowering and code generation: kernels with a record in one of `tuning_dbs` (directories) that beats the
-    default schedule get the tuned schedule (their names are appended to `applied`)."""
-    import tvm
-    from schedules.lowering import lowering_pipeline
-
-    target = targets.tvm_target(preset)
-    with target:  # TVM's CUDA codegen callbacks read the architecture from the current target
-        return tvm.compile(mod, target, relax_pipeline=lowering_pipeline(target, tuning_dbs, applied))
-
-
-def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
-    """Graph passes, lowering and code generation with default schedules: the in-memory executable."""
-    return codegen(graph_module(model, preset, qdq), preset)
 
 
 def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,

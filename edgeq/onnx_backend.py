@@ -18,7 +18,7 @@ class EdgeqRep(BackendRep):
         import tvm
         from tvm import relax
 
-        from .build import compile_module
+        from .compiler import compile_module
         from .frontend import load_onnx
 
         self.model = load_onnx(model)

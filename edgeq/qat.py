@@ -33,8 +33,9 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from relay_passes.quantize import pact as pact_np
+from relay_passes.quantize.observers import PACTObserver
 from relay_passes.quantize import sawb as sawb_np
-from relay_passes.quantize import scheme
+from schedules import scheme
 
 OPSET = 17
 
@@ -92,7 +93,7 @@ class PACTReLU(nn.Module):
         return pact_np.scale(float(self.alpha.detach()), self.bits)
 
     def begin_calibration(self):
-        self._observer = pact_np.PACTObserver(self.bits)
+        self._observer = PACTObserver(self.bits)
 
     @torch.no_grad()
     def end_calibration(self):
@@ -494,9 +495,9 @@ def export(model: nn.Module, path: str | os.PathLike | None, example: torch.Tens
     proto = _constants_to_initializers(onnx.load_from_string(buf.getvalue()))
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        from .artifact import write_bytes_atomic
+        from targets.atomic import write_atomic
 
-        write_bytes_atomic(path, proto.SerializeToString())
+        write_atomic(path, proto.SerializeToString())
     return proto
 
 

@@ -35,9 +35,9 @@ class QuantizedModel:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the QDQ model (runs in ONNX Runtime too, which makes a handy cross-check)."""
-        from .artifact import write_bytes_atomic
+        from targets.atomic import write_atomic
 
-        write_bytes_atomic(path, self.qdq.SerializeToString())
+        write_atomic(path, self.qdq.SerializeToString())
 
     def summary(self) -> dict:
         """The manifest's description of how the model was quantized."""
@@ -75,6 +75,8 @@ def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...
     """
     from relay_passes.quantize import METHODS, Policy, is_quantized, quantize_onnx
 
+    from .calibration import calibration_batches, tapped_runner
+
     if mode not in MODES:
         raise EdgeqError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
     if method not in METHODS:
@@ -88,8 +90,10 @@ def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...
     weight_bits, activation_bits = LOW_BIT_MODES.get(mode, (8, 8))
     policy = Policy(per_channel=per_channel, exclude=tuple(exclude), weight_bits=weight_bits,
                     activation_bits=activation_bits, keep_8bit=tuple(keep_8bit), fpsc=fpsc)
+    batches = list(calibration_batches(calibration, imported.inputs))
     try:
-        result = quantize_onnx(imported.onnx_model, calibration, method, policy, progress=progress, **options)
+        result = quantize_onnx(imported.onnx_model, lambda prepared, taps: tapped_runner(prepared, taps)[1], batches,
+                               method, policy, progress=progress, **options)
     except ValueError as e:  # observer options
         raise EdgeqError(f"calibration: {e}") from None
     return QuantizedModel(imported, result.model, method, result.plan, result.ranges, per_channel, mode, fpsc)

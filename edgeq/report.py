@@ -150,7 +150,7 @@ def _is_classifier(shape) -> bool:
 
 def _batches(arrays: dict, specs) -> list[list[np.ndarray]]:
     """The model's batches from the data, with calibrate's checks worded for evaluation."""
-    from relay_passes.quantize.calibrate import calibration_batches
+    from .calibration import calibration_batches
 
     try:
         return list(calibration_batches(arrays, specs))
@@ -188,27 +188,18 @@ def _graph_info(path: Path) -> tuple[set[str], dict[str, str]]:
 
 def _host_build(path: Path, shapes: dict, taps: list[str], qdq: bool = False):
     """Build an ONNX file with `taps` added as outputs for this machine: (output names, batch -> arrays)."""
-    import tvm
-    from tvm import relax
-
-    import targets
-    from relay_passes.quantize.calibrate import with_outputs
-
-    from .build import compile_module
+    from .calibration import tapped_runner
     from .frontend import load_onnx
 
-    inferred = load_onnx(path, shapes).onnx_model  # shape-inferred: with_outputs needs the taps' types
+    inferred = load_onnx(path, shapes).onnx_model  # shape-inferred and folded: the taps name its tensors
     known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)}
-    tapped = with_outputs(inferred, [t for t in taps if t in known])
-    imported = load_onnx(tapped, fold=False)  # folded above: the taps name tensors of the folded model
-    vm = relax.VirtualMachine(compile_module(imported, targets.resolve("host"), tapped if qdq else None), tvm.cpu())
-    names = [o.name for o in tapped.graph.output]
+    names, run = tapped_runner(inferred, [t for t in taps if t in known], qdq)
 
-    def run(batch):
-        result = vm["main"](*[tvm.runtime.tensor(a) for a in batch])
-        return [r.numpy() for r in (list(result) if len(names) > 1 else [result])]
+    def in_order(batch):
+        values = run(batch)
+        return [values[n] for n in names]
 
-    return names, run
+    return names, in_order
 
 
 def _collect(run, batches, names, outputs=(), tap_batches: int | None = None) -> dict[str, np.ndarray]:
@@ -343,11 +334,8 @@ def plot_tuning_curves(rows: list[dict], path: str | os.PathLike) -> Path:
 
 def _save_png(fig, path: Path) -> Path:
     """Written atomically: a reader never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    from targets.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

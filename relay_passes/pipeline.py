@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from tvm import relax, transform
 
+from schedules.fold_constants import fold_constants
+
 from .clip_ops import clip_to_ops
 from .conv_transpose import conv_transpose_as_conv
 from .conv_valid_taps import conv_valid_taps
 from .float16_accumulate import float16_accumulate
-from .fold_constants import fold_constants
 from .variadic_ops import variadic_as_pairwise
 
 

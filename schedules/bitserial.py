@@ -3,7 +3,7 @@
 Operands: activations are ``a``-bit unsigned codes (PACT: real = code * alpha / (2^a - 1), zero point 0; any
 uint8 tensor is an 8-bit code with its zero point folded into the bias), one byte per code, channels last;
 int8 activations q (realize's ARM convention) count as the codes q + 128.  Weights are ``w``-bit codes prepacked
-at compile time into bit planes along the reduction (input-channel) axis (``relay_passes.quantize.bitpack``).
+at compile time into bit planes along the reduction (input-channel) axis (``schedules.bitpack``).
 A SAWB weight code c stands for the odd integer 2c - (2^w - 1) ({-3, -1, 1, 3} for 2 bits), so with A_i, W_j
 the bit planes
 
@@ -33,9 +33,9 @@ import functools
 import numpy as np
 from tvm import te, tirx
 
-from relay_passes.quantize import bitpack
+from targets.features import has_feature
 
-from . import qkernels
+from . import bitpack, qkernels
 
 ENCODINGS = ("sawb", "unsigned")
 
@@ -263,19 +263,9 @@ def choose_word(length: int) -> str:
 def has_popcount(target) -> bool:
     """Whether an llvm target has a popcount instruction (scalar or SIMD); otherwise use the int8 fallback.
     ``None`` (target not known yet) counts as having one."""
-    from tvm.target import codegen
-
     if target is None:
         return True
-    if target.kind.name != "llvm":
-        return False
-    for feature in _POPCOUNT_FEATURES:
-        try:
-            if codegen.target_has_features(feature, target):
-                return True
-        except (RuntimeError, ValueError):
-            continue
-    return False
+    return any(has_feature(target, feature) for feature in _POPCOUNT_FEATURES)
 
 
 def conv2d_for_target(target, codes_hwio, bits: int, encoding: str = "sawb", word: str = "uint32"):
@@ -301,43 +291,3 @@ def dense_for_target(target, codes_kn, bits: int, encoding: str = "sawb", word: 
     if bits > 7:
         raise ValueError(f"the int8 fallback holds weights of at most 7 bits, not {bits}")
     return qkernels.qdense, weight_integers(codes_kn, bits, encoding).astype(np.int8), {}
-
-
-# ---------------------------------------------------------------------------------------------- numpy references
-def reference_conv2d_acc(data, weight_codes_hwio, *, weight_bits, strides=(1, 1), padding=(0, 0, 0, 0),
-                         dilation=(1, 1), encoding="sawb", input_zero_point=0) -> np.ndarray:
-    """Exact int64 conv of activation codes with the weight integers, NHWC -> [N, OH, OW, O] (no bit planes)."""
-    kh, kw = weight_codes_hwio.shape[:2]
-    offset = CODE_OFFSET[str(np.asarray(data).dtype)]
-    padded = qkernels._np_pad(np.asarray(data, np.int64), padding, input_zero_point) + offset
-    oh = qkernels._out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
-    ow = qkernels._out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
-    windows = qkernels._np_windows(padded, kh, kw, strides, dilation, oh, ow)
-    w = weight_integers(weight_codes_hwio, weight_bits, encoding).astype(np.int64)
-    return np.tensordot(windows, w, axes=([3, 4, 5], [0, 1, 2]))
-
-
-def reference_qconv2d(data, weight_codes_hwio, bias, multiplier, shift, *, weight_bits, strides=(1, 1),
-                      padding=(0, 0, 0, 0), dilation=(1, 1), encoding="sawb", input_zero_point=0,
-                      output_zero_point=0, out_min=0, out_max=255, out_dtype="uint8") -> np.ndarray:
-    acc = reference_conv2d_acc(data, weight_codes_hwio, weight_bits=weight_bits, strides=strides, padding=padding,
-                               dilation=dilation, encoding=encoding, input_zero_point=input_zero_point)
-    return _np_epilogue(acc, bias, multiplier, shift, output_zero_point, out_min, out_max, out_dtype)
-
-
-def reference_dense_acc(data, weight_codes_kn, *, weight_bits, encoding="sawb") -> np.ndarray:
-    codes = np.asarray(data, np.int64) + CODE_OFFSET[str(np.asarray(data).dtype)]
-    return codes @ weight_integers(weight_codes_kn, weight_bits, encoding).astype(np.int64)
-
-
-def reference_qdense(data, weight_codes_kn, bias, multiplier, shift, *, weight_bits, encoding="sawb",
-                     output_zero_point=0, out_min=0, out_max=255, out_dtype="uint8") -> np.ndarray:
-    acc = reference_dense_acc(data, weight_codes_kn, weight_bits=weight_bits, encoding=encoding)
-    return _np_epilogue(acc, bias, multiplier, shift, output_zero_point, out_min, out_max, out_dtype)
-
-
-def _np_epilogue(acc, bias, multiplier, shift, zero_point, out_min, out_max, out_dtype):
-    from relay_passes.quantize import scheme
-
-    out = scheme.requantize(acc + np.asarray(bias, np.int64), multiplier, shift).astype(np.int64) + zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from edgeq.errors import EdgeqError
+from targets.atomic import write_atomic
+from targets.errors import EdgeqError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -71,16 +71,6 @@ def untimed_workloads(directory: Path) -> list[str]:
                   if "tuned_ms" not in ledger.get(k, {}))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared (or shipped) database from other users
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def json_lines(path: Path) -> tuple[list, list[int]]:
     """Parsed lines of a JSON-lines file and the (1-based) numbers of the lines that did not parse."""
     parsed, bad = [], []
@@ -109,8 +99,8 @@ def repair(directory: Path) -> list[str]:
             problems.append(f"{directory / RECORDS}: skipped {len(records) - len(kept)} records of unreadable workloads")
         records = kept
     if problems:
-        _write_atomic(directory / WORKLOADS, "".join(json.dumps(w) + "\n" for w in workloads))
-        _write_atomic(directory / RECORDS, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(directory / WORKLOADS, "".join(json.dumps(w) + "\n" for w in workloads))
+        write_atomic(directory / RECORDS, "".join(json.dumps(r) + "\n" for r in records))
     return problems
 
 
@@ -142,7 +132,7 @@ def load_ledger(directory: Path) -> dict:
 
 
 def save_ledger(directory: Path, ledger: dict) -> None:
-    _write_atomic(Path(directory) / LEDGER, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+    write_atomic(Path(directory) / LEDGER, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
 
 
 
@@ -190,7 +180,7 @@ def export_winners(source: str | os.PathLike, destination: str | os.PathLike) ->
                 ledger_out[key] = entry
     destination.mkdir(parents=True, exist_ok=True)
     keys = sorted(winners)
-    _write_atomic(destination / WORKLOADS, "".join(json.dumps(winners[k][0]) + "\n" for k in keys))
-    _write_atomic(destination / RECORDS, "".join(json.dumps([i, winners[k][1]]) + "\n" for i, k in enumerate(keys)))
+    write_atomic(destination / WORKLOADS, "".join(json.dumps(winners[k][0]) + "\n" for k in keys))
+    write_atomic(destination / RECORDS, "".join(json.dumps([i, winners[k][1]]) + "\n" for i, k in enumerate(keys)))
     save_ledger(destination, ledger_out)
     return len(keys)

@@ -37,8 +37,10 @@ from tvm.s_tir import Schedule
 from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
-from edgeq.errors import raise_if_interrupted
-from relay_passes.fold_constants import fold_constant_tir_calls, fold_constants
+from targets.errors import raise_if_interrupted
+from targets.features import vector_bytes
+
+from .fold_constants import fold_constant_tir_calls, fold_constants
 
 from .depthwise_dot import is_depthwise_dot, schedule_depthwise_dot
 from .dot_product import (STACK_TILE_BYTES, dot_intrins, inline_epilogues, is_integer_dot, row_tile,
@@ -58,7 +60,7 @@ def default_cpu_layout_passes(target: tvm.target.Target) -> list:  # pylint: dis
 
     Convolutions become NHWC data / HWIO kernels (output channels innermost and
     contiguous in both the kernel and the output), pools follow.  The weight
-    transposes are constant-folded in numpy (relay_passes.fold_constants), not
+    transposes are constant-folded in numpy (schedules.fold_constants), not
     by one LLVM build each.  ``CanonicalizeBindings`` first removes the ``(y, mean, var)[0]``
     tuples left by the ONNX BatchNormalization importer, which otherwise stop
     FuseOps from fusing the activation into the convolution.
@@ -76,7 +78,7 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     Expects the weight parameters marked by relax.transform.AttachAttrLayoutFreeBuffers (lowering.pre_schedule),
     so their repacking becomes a separate call evaluated at compile time.
     """
-    vector_bytes = _vector_bytes(target)
+    width = vector_bytes(target)
     intrins = dot_intrins(target)
 
     @tvm.transform.module_pass(opt_level=0, name="DefaultCPUScheduleFuncs")
@@ -86,7 +88,7 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
             if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
                 continue
             try:
-                sch = _schedule_func(func, vector_bytes, intrins)
+                sch = _schedule_func(func, width, intrins)
             except _ERRORS:
                 raise_if_interrupted()
                 continue
@@ -107,24 +109,13 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     )
 
 
-def _vector_bytes(target: tvm.target.Target) -> int:
-    """SIMD register width in bytes of an llvm target (16 if unknown)."""
-    for feature, width in (("avx512f", 64), ("avx", 32)):
-        try:
-            if tvm.target.codegen.target_has_features(feature, target):
-                return width
-        except _ERRORS:
-            break
-    return 16
-
-
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
     return func.attrs is not None and bool(func.attrs.get(SCHEDULED, False))
 
 
 def default_schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """One PrimFunc with the default schedule (what tuning must beat)."""
-    return _schedule_func(func, _vector_bytes(target), dot_intrins(target)).mod["main"]
+    return _schedule_func(func, vector_bytes(target), dot_intrins(target)).mod["main"]
 
 
 def _schedule_func(func: tirx.PrimFunc, vector_bytes: int, intrins=()) -> Schedule:

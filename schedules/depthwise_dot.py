@@ -16,11 +16,11 @@ buffer of its own: the intrinsic reads 4 of its rows.  Measured on this project'
 
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
 from tvm.ir.expr import TensorLoad  # a BufferLoad
 from tvm.s_tir import Schedule
-from tvm.target import codegen
+
+from targets.features import has_feature
 
 from .dot_product import _MIN_PARALLEL_WORK, STACK_TILE_BYTES, tile_accumulator
 from .intrinsics import VNNI, VNNI_DEPTHWISE
@@ -37,10 +37,7 @@ def depthwise_rows(target, channels: int, dilation: int, data_dtype: str, kernel
     if (target is None or target.kind.name != "llvm" or data_dtype != "uint8" or channels % LANES or dilation != 1
             or kernel_rows < 3):
         return 1
-    try:
-        return ROWS if codegen.target_has_features("avx512vnni", target) else 1
-    except (RuntimeError, ValueError):
-        return 1
+    return ROWS if has_feature(target, "avx512vnni") else 1
 
 
 def _operands(stmt):

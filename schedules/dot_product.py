@@ -22,8 +22,9 @@ from tvm import tirx
 from tvm.ir.expr import TensorLoad  # a BufferLoad
 from tvm.s_tir import Schedule
 from tvm.sym.pattern import detect_linear_equation
-from tvm.target import codegen
 from tvm.tirx.analysis import undefined_vars
+
+from targets.features import has_feature
 
 from .intrinsics import MADD, NEON_4x4, SDOT_4x4, VNNI
 
@@ -52,10 +53,7 @@ def dot_intrins(target: tvm.target.Target) -> list[DotIntrin]:
         return []
 
     def has(feature):
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except (RuntimeError, ValueError):
-            return False
+        return has_feature(target, feature)
 
     found = []
     if has("avx512vnni") and has("avx512vl"):

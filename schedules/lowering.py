@@ -16,7 +16,7 @@ from .fast_math import FAST_MATH
 from .grouped_conv import GROUPED_CONV
 from .padded_matmul import PADDED_MATMUL
 from .reductions import INFINITE_START_REDUCTIONS
-from .tune import tuned_schedules
+from .apply_tuning import tuned_schedules
 
 
 def pre_schedule_passes(target: tvm.target.Target) -> list:

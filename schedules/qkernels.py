@@ -1,6 +1,7 @@
-"""Integer (int8) kernels as TE computes, channels-last, for ``BlockBuilder.emit_te``; plus numpy references.
+"""Integer (int8) kernels as TE computes, channels-last, for ``BlockBuilder.emit_te`` (their numpy references,
+the tests' oracles, are tests/qkernels_reference.py).
 
-Every kernel ends with the same epilogue, the arithmetic of ``relay_passes.quantize.scheme``:
+Every kernel ends with the same epilogue, the arithmetic of ``schedules.scheme``:
 ``saturate(requantize(acc, M, s) + zero_point_out, out_min, out_max)``, where requantize is the
 32x32->64 widening multiply ``(int64(acc) * int64(M) + 2^(s-1)) >> s``.  The product is written as a
 multiply of two sign-extended int32 values so LLVM emits vpmuldq / smull instead of a 64x64 multiply.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx, topi
 
-from relay_passes.quantize import scheme
+from schedules import scheme
 
 QSHIFT = 20  # left shift applied to the 8-bit input of qrequantize (TFLite's kLeftShift), for precision
 
@@ -238,12 +239,34 @@ def qadd(a, b, *, a_multiplier, b_multiplier, shift, a_zero_point, b_zero_point,
     return te.compute(shape, add, name="qadd")
 
 
+def qmul(a, b, *, multiplier, shift, a_zero_point, b_zero_point, output_zero_point, out_min, out_max,
+         out_dtype):
+    """Quantized elementwise product with numpy broadcasting (squeeze-excitation: x times a per-channel gate).
+
+    out = saturate(requantize((a - za) * (b - zb), M, s) + zo), M / 2^s ~= scale_a * scale_b / scale_out; the
+    product of two 8-bit differences is below 2^17, so it is exact in int32 and rounded once.
+    """
+    shape = _broadcast_shape(a.shape, b.shape)
+
+    def operand(t, idx, zero_point):
+        offset = len(shape) - len(t.shape)
+        value = t(*[i if int(d) != 1 else 0 for i, d in zip(idx[offset:], t.shape)])
+        return _i32(value) - tirx.const(int(zero_point), "int32")
+
+    def mul(*idx):
+        product = operand(a, idx, a_zero_point) * operand(b, idx, b_zero_point)
+        value = _requantize_const(product, multiplier, shift) + tirx.const(int(output_zero_point), "int32")
+        return _saturate(value, out_dtype, out_min, out_max)
+
+    return te.compute(shape, mul, name="qmul")
+
+
 def _broadcast_shape(sa, sb):
     sa, sb = [int(d) for d in sa], [int(d) for d in sb]
     rank = max(len(sa), len(sb))
     sa, sb = [1] * (rank - len(sa)) + sa, [1] * (rank - len(sb)) + sb
     if any(x != y and 1 not in (x, y) for x, y in zip(sa, sb)):
-        raise ValueError(f"qadd: shapes {sa} and {sb} do not broadcast")
+        raise ValueError(f"shapes {sa} and {sb} do not broadcast")
     return [max(x, y) for x, y in zip(sa, sb)]
 
 
@@ -314,84 +337,3 @@ def qmax_pool2d(data, *, pool_size, strides, padding, dilation=(1, 1)):
         lambda b, y, x, c: te.max(padded[b, y * sh + ry * dh, x * sw + rx * dw, c], axis=[ry, rx]),
         name="qmax_pool2d",
     )
-
-
-# ---------------------------------------------------------------------------------------------- numpy references
-def _np_pad(x, padding, value):
-    top, left, bottom, right = padding
-    return np.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)], constant_values=value)
-
-
-def _np_windows(x, kh, kw, strides, dilation, oh, ow):
-    """[N, OH, OW, KH, KW, C] view of the windows of a padded NHWC array."""
-    (sh, sw), (dh, dw) = strides, dilation
-    rows = [[x[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :]
-             for j in range(kw)] for i in range(kh)]
-    return np.stack([np.stack(r, axis=3) for r in rows], axis=3)
-
-
-def reference_qconv2d(data, weight, bias, multiplier, shift, *, strides, padding, dilation, groups,
-                      input_zero_point, output_zero_point, out_min, out_max, out_dtype, high_word=False):
-    """numpy int64 version of qconv2d, straight from the formula (which ``high_word`` does not change)."""
-    del high_word
-    kh, kw, group_channels, out_channels = weight.shape
-    padded = _np_pad(np.asarray(data, np.int64), padding, input_zero_point)
-    oh = _out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
-    ow = _out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
-    windows = _np_windows(padded, kh, kw, strides, dilation, oh, ow)  # N, OH, OW, KH, KW, C
-    per_group = out_channels // groups
-    acc = np.zeros(windows.shape[:3] + (out_channels,), np.int64)
-    for g in range(groups):
-        x = windows[..., g * group_channels:(g + 1) * group_channels]
-        w = np.asarray(weight[..., g * per_group:(g + 1) * per_group], np.int64)
-        acc[..., g * per_group:(g + 1) * per_group] = np.tensordot(x, w, axes=([3, 4, 5], [0, 1, 2]))
-    acc += np.asarray(bias, np.int64)
-    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)
-
-
-def reference_qdense(data, weight, bias, multiplier, shift, *, input_zero_point, output_zero_point, out_min,
-                     out_max, out_dtype, high_word=False):
-    """numpy int64 version of qdense (``high_word`` does not change the result)."""
-    del input_zero_point, high_word
-    acc = np.asarray(data, np.int64) @ np.asarray(weight, np.int64) + np.asarray(bias, np.int64)
-    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)
-
-
-def reference_qadd(a, b, *, a_multiplier, b_multiplier, shift, a_zero_point, b_zero_point, output_zero_point,
-                   out_min, out_max, out_dtype):
-    """numpy int64 version of qadd."""
-    acc = ((np.asarray(a, np.int64) - a_zero_point) * np.int64(a_multiplier)
-           + (np.asarray(b, np.int64) - b_zero_point) * np.int64(b_multiplier))
-    out = ((acc + (np.int64(1) << (shift - 1))) >> shift) + output_zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)
-
-
-def reference_qrequantize(x, *, multiplier, shift, input_zero_point, output_zero_point, out_min, out_max,
-                          out_dtype):
-    """numpy int64 version of qrequantize."""
-    shifted = (np.asarray(x, np.int64) - input_zero_point) << QSHIFT
-    out = scheme.requantize(shifted, multiplier, shift).astype(np.int64) + output_zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)
-
-
-def reference_qavg_pool2d(data, *, pool_size, strides, padding, multiplier, shift, input_zero_point,
-                          output_zero_point, out_min, out_max, out_dtype):
-    """numpy int64 version of qavg_pool2d."""
-    kh, kw = pool_size
-    padded = _np_pad(np.asarray(data, np.int64) - input_zero_point, padding, 0)
-    oh = _out_size(data.shape[1], kh, strides[0], 1, padding[0], padding[2])
-    ow = _out_size(data.shape[2], kw, strides[1], 1, padding[1], padding[3])
-    acc = _np_windows(padded, kh, kw, strides, (1, 1), oh, ow).sum(axis=(3, 4))
-    out = scheme.requantize(acc, multiplier, shift).astype(np.int64) + output_zero_point
-    return scheme.saturate(out, out_dtype, out_min, out_max)
-
-
-def reference_qmax_pool2d(data, *, pool_size, strides, padding, dilation=(1, 1)):
-    """numpy version of qmax_pool2d."""
-    kh, kw = pool_size
-    padded = _np_pad(data, padding, scheme.DTYPE_RANGES[str(data.dtype)][0])
-    oh = _out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
-    ow = _out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
-    return _np_windows(padded, kh, kw, strides, dilation, oh, ow).max(axis=(3, 4)).astype(data.dtype)

@@ -23,13 +23,15 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from targets.errors import stop_on_ctrl_c
+
 from . import database as dbs
+from .apply_tuning import workload_key, workload_module
 
 _FAILED = 1e9  # MetaSchedule records failed candidates with run_secs 1e10
 SIDE_BY_SIDE_ROUNDS = 5  # alternating timings of the default and the tuned schedule; medians compared
@@ -50,7 +52,7 @@ class Remote:
     @property
     def device(self):
         """The same board as the deploy commands name it (connection, messages)."""
-        from edgeq.deploy.rpc import Device
+        from targets.rpc import Device
 
         address = f"{self.host}:{self.port}"
         return Device(rpc=None if self.key else address, tracker=address if self.key else None, key=self.key,
@@ -60,7 +62,7 @@ class Remote:
         """Return once the device gives a session; EdgeqError (the last reason) after `retries` failed tries."""
         import time
 
-        from edgeq.errors import EdgeqError
+        from targets.errors import EdgeqError
 
         device = self.device
         for attempt in range(max(1, self.retries)):
@@ -91,19 +93,6 @@ class TuneResult:
     tasks: list[TaskResult] = field(default_factory=list)
     trials_run: int = 0
     problems: list[str] = field(default_factory=list)
-
-
-def workload_module(func):
-    """The IRModule MetaSchedule stores a PrimFunc's workload as (the key of tuning records)."""
-    import tvm
-
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
-def workload_key(func) -> str:
-    import tvm_ffi
-
-    return str(tvm_ffi.structural_hash(workload_module(func)))
 
 
 def extract_tasks(mod, target):
@@ -255,31 +244,6 @@ def _native_log(path: Path):
         terminal.close()
 
 
-@contextlib.contextmanager
-def _stop_on_ctrl_c(terminal):
-    """Ctrl-C asks the tuner to stop after the round being measured (its records are committed, the database
-    stays whole); a second Ctrl-C stops at once. A KeyboardInterrupt raised inside MetaSchedule's C++ threads
-    can crash the process, so the first one only sets the event the measure callback polls."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            print("edgeq: interrupted", file=terminal, flush=True)
-            os._exit(130)  # the database loses at most the line being written, repaired when next opened
-        stop.set()
-        print("\nedgeq: stopping after the current round of measurements (Ctrl-C again to stop now)",
-              file=terminal, flush=True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _progress_callback(bar, names: list[str], stop: threading.Event, remote: Remote | None, lost: list):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
@@ -316,7 +280,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
     from tqdm import tqdm
     from tvm.s_tir import meta_schedule as ms
 
-    from edgeq.errors import EdgeqError
+    from targets.errors import EdgeqError
 
     from .default_cpu import default_schedule_func
 
@@ -385,7 +349,7 @@ def tune(mod, preset, work_dir, trials: int, *, per_iteration: int = 16, max_per
         names = [t.task_name for t, _ in pending]
         callbacks = ms.measure_callback.MeasureCallback.create("default")
         log = directory / "metaschedule.log"
-        with _native_log(log) as terminal, _stop_on_ctrl_c(terminal) as stop, tqdm(
+        with _native_log(log) as terminal, stop_on_ctrl_c(terminal) as stop, tqdm(
                 total=remaining, disable=None if progress else True, unit="trial", desc="tuning", leave=False,
                 file=terminal) as bar:
             lost: list = []
@@ -452,47 +416,3 @@ def report(directory: str | Path) -> list[dict]:
               "best_ms": None, "tuned_ms": entry["tuned_ms"], "used": False, "complete": True, "curve_ms": []}
              for key, entry in ledger.items() if key not in measured and "tuned_ms" in entry]
     return rows
-
-
-def tuned_schedules(directories: list[Path], target, applied: list | None = None):
-    """Module pass: give each unscheduled PrimFunc the best tuned schedule that beats edgeq's default.
-
-    A record is used only where its ledger says it beat the default side by side (`dbs.tuned_wins`); for a
-    workload in several databases the fastest wins. Every other function keeps the default schedule.
-    The names of the functions that got a tuned schedule are appended to `applied` (for the manifest).
-    """
-    import tvm
-    from tvm import tirx
-
-    opened = []
-    for directory in directories:
-        database, _ = dbs.open_database(directory, create=False)
-        opened.append((database, dbs.load_ledger(directory)))
-
-    @tvm.transform.module_pass(opt_level=0, name="EdgeqApplyTuningDatabase")
-    def _apply(mod, _ctx):
-        updates = {}
-        for gvar, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
-                continue
-            workload, key = workload_module(func), workload_key(func)
-            best = None
-            for database, ledger in opened:
-                entry = ledger.get(key, {})
-                if not dbs.tuned_wins(entry) or database.query_tuning_record(workload, target, "main") is None:
-                    continue
-                if best is None or entry["tuned_ms"] < best[0]:
-                    best = (entry["tuned_ms"], database)
-            if best is None:
-                continue
-            tuned = best[1].query_schedule(workload, target, "main").mod["main"]
-            symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
-            tuned = tuned.with_attr("global_symbol", symbol) if symbol else tuned.without_attr("global_symbol")
-            updates[gvar] = tuned.with_attr("tirx.is_scheduled", True)
-        if applied is not None:
-            applied.extend(sorted(gvar.name_hint for gvar in updates))
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
-
-    return _apply

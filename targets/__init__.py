@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 
-from edgeq.errors import EdgeqError
+from .errors import EdgeqError
 
 from .detect import host_preset
 from .presets import PRESETS, Preset

@@ -30,6 +30,15 @@ class Preset:
     def is_gpu(self) -> bool:
         return self.target["kind"] != "llvm"
 
+    @property
+    def activation_dtype(self) -> str:
+        """The 8-bit activation type of its int8 kernels: what its dot-product instruction multiplies the int8
+        weights with (u8 x s8: x86 VNNI / pmaddubsw; s8 x s8: Arm sdot / NEON)."""
+        return "uint8" if self.is_gpu else _ACTIVATION_DTYPES.get(self.arch, "uint8")
+
+
+_ACTIVATION_DTYPES = {"aarch64": "int8", "arm": "int8"}  # ELF machine -> activation dtype (default uint8)
+
 
 def _cuda(sm: str, host: dict, **kw) -> dict:
     return dict(target={"kind": "cuda", "arch": sm}, host=host, features=("cuda", sm, "dp4a"), **kw)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_passes.quantize import bitpack
+from schedules import bitpack
 
 
 def test_two_bit_storage_layout():

@@ -7,13 +7,13 @@ import re
 
 import numpy as np
 import pytest
+import bitserial_reference
 import tvm
 from conftest import llvm_assembly
 from tvm import relax
 
 import targets
-from relay_passes.quantize import bitpack, scheme
-from schedules import bitserial
+from schedules import bitpack, bitserial, scheme
 from schedules.lowering import lowering_pipeline
 
 
@@ -64,7 +64,7 @@ def test_conv2d_equals_the_integer_reference(case):
     ex = build(bitserial.bitserial_conv2d, x, [bitserial.conv2d_weight_planes(wc, wbits, word)],
                activation_bits=abits, weight_bits=wbits, **attrs)
     out = run(ex, x)
-    ref = bitserial.reference_conv2d_acc(x, wc, weight_bits=wbits, **attrs)
+    ref = bitserial_reference.conv2d_acc(x, wc, weight_bits=wbits, **attrs)
     assert out.dtype == np.int32 and out.shape == ref.shape
     np.testing.assert_array_equal(out, ref)
 
@@ -78,9 +78,9 @@ def test_eight_bit_activations_with_a_zero_point_pad_with_it():
                  out_dtype="uint8")
     ex = build(bitserial.bitserial_qconv2d, x, [bitserial.conv2d_weight_planes(wc, 2, "uint64"), bias, multiplier,
                                                 shift], activation_bits=8, weight_bits=2, **attrs)
-    ref = bitserial.reference_qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
+    ref = bitserial_reference.qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
     np.testing.assert_array_equal(run(ex, x), ref)
-    padded_with_zero = bitserial.reference_qconv2d(x, wc, bias, multiplier, shift, weight_bits=2,
+    padded_with_zero = bitserial_reference.qconv2d(x, wc, bias, multiplier, shift, weight_bits=2,
                                                    **{**attrs, "input_zero_point": 0})
     assert not np.array_equal(ref, padded_with_zero)  # the zero point matters at the border
 
@@ -93,16 +93,16 @@ def test_int8_activations_are_codes_offset_by_128():
     attrs = dict(padding=(1, 1, 1, 1), input_zero_point=-128)
     ex = build(bitserial.bitserial_conv2d, x, [bitserial.conv2d_weight_planes(wc, 2)], activation_bits=2,
                weight_bits=2, **attrs)
-    expected = bitserial.reference_conv2d_acc(codes, wc, weight_bits=2, padding=(1, 1, 1, 1), input_zero_point=0)
+    expected = bitserial_reference.conv2d_acc(codes, wc, weight_bits=2, padding=(1, 1, 1, 1), input_zero_point=0)
     np.testing.assert_array_equal(run(ex, x), expected)
-    np.testing.assert_array_equal(bitserial.reference_conv2d_acc(x, wc, weight_bits=2, **attrs), expected)
+    np.testing.assert_array_equal(bitserial_reference.conv2d_acc(x, wc, weight_bits=2, **attrs), expected)
 
 
 def test_sawb_reference_is_the_float_conv_of_the_levels():
     # the integers 2c - 3 times alpha / 3 are exactly the SAWB levels {-a, -a/3, a/3, a}
     rng = np.random.default_rng(0)
     x, wc = _codes(rng, 2, (1, 5, 5, 4)), _codes(rng, 2, (3, 3, 4, 2))
-    acc = bitserial.reference_conv2d_acc(x, wc, weight_bits=2, padding=(1, 1, 1, 1))
+    acc = bitserial_reference.conv2d_acc(x, wc, weight_bits=2, padding=(1, 1, 1, 1))
     levels = np.array([-1.0, -1 / 3, 1 / 3, 1.0])[wc]
     padded = np.pad(x.astype(np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)])
     direct = np.zeros((1, 5, 5, 2))
@@ -128,7 +128,7 @@ def test_qconv2d_requantizes_straight_to_two_bit_codes():
     ex = build(bitserial.bitserial_qconv2d, x, [bitserial.conv2d_weight_planes(wc, 2), bias, multiplier, shift],
                activation_bits=2, weight_bits=2, **attrs)
     out = run(ex, x)
-    ref = bitserial.reference_qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
+    ref = bitserial_reference.qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
     np.testing.assert_array_equal(out, ref)
     assert set(np.unique(out)) <= {0, 1, 2, 3} and len(np.unique(out)) > 2  # a real 2-bit output, not saturated
 
@@ -141,7 +141,7 @@ def test_dense_equals_the_integer_reference(rows, depth, features, abits, wbits,
     x, wc = _codes(rng, abits, (rows, depth)), _codes(rng, wbits, (depth, features))
     ex = build(bitserial.bitserial_dense, x, [bitserial.dense_weight_planes(wc, wbits, word)],
                activation_bits=abits, weight_bits=wbits)
-    np.testing.assert_array_equal(run(ex, x), bitserial.reference_dense_acc(x, wc, weight_bits=wbits))
+    np.testing.assert_array_equal(run(ex, x), bitserial_reference.dense_acc(x, wc, weight_bits=wbits))
 
 
 def test_qdense_epilogue():
@@ -151,7 +151,7 @@ def test_qdense_epilogue():
     attrs = dict(output_zero_point=3, out_min=0, out_max=255, out_dtype="uint8")
     ex = build(bitserial.bitserial_qdense, x, [bitserial.dense_weight_planes(wc, 2), bias, multiplier, shift],
                activation_bits=2, weight_bits=2, **attrs)
-    ref = bitserial.reference_qdense(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
+    ref = bitserial_reference.qdense(x, wc, bias, multiplier, shift, weight_bits=2, **attrs)
     np.testing.assert_array_equal(run(ex, x), ref)
 
 
@@ -211,7 +211,7 @@ def test_fallback_without_popcount_uses_the_int8_kernel_and_is_exact():
     ex = build(kernel, x, [weights, bias, multiplier, shift], baseline, strides=(1, 1), padding=(1, 1, 1, 1),
                dilation=(1, 1), **extra, **common)
     assert not re.search(r"popcnt", llvm_assembly(ex))
-    ref = bitserial.reference_qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, padding=(1, 1, 1, 1), **common)
+    ref = bitserial_reference.qconv2d(x, wc, bias, multiplier, shift, weight_bits=2, padding=(1, 1, 1, 1), **common)
     np.testing.assert_array_equal(run(ex, x), ref)
     kernel, planes, extra = bitserial.conv2d_for_target(_target("host"), wc, 2)
     assert kernel is bitserial.bitserial_qconv2d and planes.dtype == np.uint32 and extra["weight_bits"] == 2

@@ -9,7 +9,7 @@ from tvm import relax
 
 import targets
 from conftest import ort_outputs
-from edgeq.build import codegen, graph_module
+from edgeq.compiler import codegen, graph_module
 from edgeq.frontend import load_onnx
 from schedules.lowering import pre_schedule
 

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
 import targets
-from edgeq.build import graph_module
+from edgeq.compiler import graph_module
 from edgeq.frontend import load_onnx
 from relay_passes.conv_valid_taps import tap_runs
 

@@ -135,7 +135,7 @@ def test_conv_transpose_matches_onnxruntime(name):
 
 def test_conv_transpose_runs_as_a_channels_last_convolution():
     import targets
-    from edgeq.build import graph_module
+    from edgeq.compiler import graph_module
     from edgeq.frontend import load_onnx
     from schedules.lowering import pre_schedule
 

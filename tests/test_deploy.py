@@ -11,7 +11,9 @@ from conftest import free_port, kill, require_tool, start
 import edgeq
 from edgeq import EdgeqError
 from edgeq.deploy import rpc
-from edgeq.deploy.rpc import Device, deploy
+from edgeq.deploy.rpc import deploy
+from targets import rpc as targets_rpc
+from targets.rpc import Device
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def test_tracker_and_key(host_artifact, cli):
     try:
         tracker_addr = f"127.0.0.1:{tracker_port}"
         deadline = time.time() + 60
-        while "pi-test" not in rpc.tracker_keys(tracker_addr) and time.time() < deadline:
+        while "pi-test" not in targets_rpc.tracker_keys(tracker_addr) and time.time() < deadline:
             time.sleep(0.5)
         report = deploy(host_artifact.path, Device(tracker=tracker_addr, key="pi-test"), repeat=2)
         assert report.match
@@ -117,4 +119,4 @@ def test_device_choice_is_required():
     with pytest.raises(EdgeqError, match="--tracker needs --key"):
         Device(tracker="127.0.0.1:9190")
     with pytest.raises(EdgeqError, match="bad address"):
-        rpc.parse_address("localhost")
+        targets_rpc.parse_address("localhost")

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import edgeq
 import targets
-from edgeq.build import compile_module
+from edgeq.compiler import compile_module
 
 # the float32 input: a dense sweep of [-100, 100] (beyond exp's float32 range both ways), Gaussian values at the
 # scale activations have, and the special values

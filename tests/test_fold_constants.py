@@ -1,11 +1,11 @@
-"""relay_passes.fold_constants: numpy folding gives exactly what TVM's FoldConstant gives, without LLVM builds."""
+"""schedules.fold_constants: numpy folding gives exactly what TVM's FoldConstant gives, without LLVM builds."""
 
 import tvm_ffi
 import zoo
 from tvm import relax
 
 import edgeq
-from relay_passes.fold_constants import fold_constants
+from schedules.fold_constants import fold_constants
 
 
 def _prepared(name):
@@ -39,7 +39,7 @@ def test_weight_repacks_are_evaluated_in_one_build_like_fold_constant():
     """The default schedule's compile-time weight repacks (call_tir on constants), all in one LLVM build."""
     import targets
     from relay_passes import pipeline
-    from relay_passes.fold_constants import _constant_tir_calls, fold_constant_tir_calls
+    from schedules.fold_constants import _constant_tir_calls, fold_constant_tir_calls
     from schedules.default_cpu import default_cpu_schedule
     from schedules.lowering import pre_schedule
 

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgeq
 import targets
-from edgeq.build import compile_module
+from edgeq.compiler import compile_module
 
 REL_ERR = 1e-5  # float32 sums of at most 9 * 64 products, reordered: a few ulps of the largest output
 

@@ -82,7 +82,7 @@ def _conv_act_conv(name: str) -> onnx.ModelProto:
 def test_an_activation_between_int8_convs_stays_integer_and_channels_last(name):
     """No float layer, and no layout change between the convs: the table reads the conv's NHWC codes."""
     import targets
-    from edgeq.build import graph_module
+    from edgeq.compiler import graph_module
 
     rng = np.random.default_rng(1)
     quantized = edgeq.quantize(_conv_act_conv(name), {"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)})

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay_passes.quantize import scheme
+from schedules import scheme
 from relay_passes.quantize.observers import METHODS, Histogram, make_observer
 
 HISTOGRAM_METHODS = [m for m in METHODS if m != "minmax"]

@@ -9,7 +9,7 @@ from conftest import ort_outputs
 from onnx import TensorProto, helper, numpy_helper
 
 from relay_passes.quantize import pact
-from relay_passes.quantize.observers import Histogram
+from relay_passes.quantize.observers import Histogram, PACTObserver
 
 
 def test_clip_is_the_papers_absolute_value_form():
@@ -63,7 +63,7 @@ def test_optimal_alpha_matches_a_brute_force_sweep_on_the_samples(bits):
 
 def test_clipping_quantization_tradeoff():
     x = _relu_gaussian()
-    obs2, obs4, obs8 = pact.PACTObserver(bits=2), pact.PACTObserver(bits=4), pact.PACTObserver(bits=None)
+    obs2, obs4, obs8 = PACTObserver(bits=2), PACTObserver(bits=4), PACTObserver(bits=None)
     for obs in (obs2, obs4, obs8):
         obs.update(x)
     a2, a4 = obs2.alpha(), obs4.alpha()
@@ -78,7 +78,7 @@ def test_pact_is_a_calibration_observer_on_the_shared_histogram():
     from relay_passes.quantize.observers import METHODS, make_observer
 
     obs = make_observer("pact", bits=2, bins=512)
-    assert isinstance(obs, pact.PACTObserver) and obs.histogram.bins == 512
+    assert isinstance(obs, PACTObserver) and obs.histogram.bins == 512
     assert "pact" not in METHODS  # not offered for 8-bit tensors: it clips negatives to 0
     x = _relu_gaussian(n=20_000)
     obs.update(x)
@@ -86,7 +86,7 @@ def test_pact_is_a_calibration_observer_on_the_shared_histogram():
 
 
 def test_constant_and_empty_data():
-    obs = pact.PACTObserver(bits=2)
+    obs = PACTObserver(bits=2)
     with pytest.raises(ValueError):
         obs.alpha()
     obs.update(np.full(10, 0.7))

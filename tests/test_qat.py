@@ -14,7 +14,9 @@ from torch import nn
 import edgeq
 from edgeq import qat
 from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
-from relay_passes.quantize import pact, realize_onnx, sawb, scheme
+from edgeq.compiler import realize_onnx
+from relay_passes.quantize import pact, sawb
+from schedules import scheme
 
 
 def _bitserial_kernels(proto: onnx.ModelProto) -> list[str]:

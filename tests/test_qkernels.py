@@ -7,13 +7,13 @@ import re
 
 import numpy as np
 import pytest
+import qkernels_reference
 import tvm
 from conftest import free_port, llvm_assembly
 from tvm import relax, topi
 
 import targets
-from relay_passes.quantize import scheme
-from schedules import depthwise_dot, dot_product, qkernels
+from schedules import depthwise_dot, dot_product, qkernels, scheme
 from schedules.lowering import lowering_pipeline
 
 
@@ -105,7 +105,7 @@ CONVS = {
 def test_qconv2d_matches_numpy(case):
     rng = np.random.default_rng(sorted(CONVS).index(case))
     data, consts, attrs = conv_case(rng, **CONVS[case])
-    expected = qkernels.reference_qconv2d(data, *consts, **attrs)
+    expected = qkernels_reference.qconv2d(data, *consts, **attrs)
     assert len(np.unique(expected)) > 10, "test data saturates"
     assert attrs["high_word"]  # as realize builds them: shifts 33..62
     ex = build(qkernels.qconv2d, [data], kernel_consts(consts, attrs["groups"]), **attrs)
@@ -123,7 +123,7 @@ def test_qconv2d_with_shifts_below_33_matches_numpy(real):
     attrs = dict(attrs, high_word=scheme.uses_high_word(shift), input_zero_point=128, output_zero_point=128)
     assert not attrs["high_word"]
     consts = (weight, bias, multiplier, shift)
-    expected = qkernels.reference_qconv2d(data, *consts, **attrs)
+    expected = qkernels_reference.qconv2d(data, *consts, **attrs)
     assert len(np.unique(expected)) > 10, "test data saturates"
     np.testing.assert_array_equal(run(build(qkernels.qconv2d, [data], consts, **attrs), data), expected)
 
@@ -143,7 +143,7 @@ def test_reference_qconv2d_matches_float_convolution():
                 acc[0, oy, ox, o] = (window * weight[..., o]).sum() + bias[o]
     expected = scheme.saturate(scheme.requantize(acc.astype(np.int64), multiplier, shift).astype(np.int64)
                                + attrs["output_zero_point"], "uint8")
-    np.testing.assert_array_equal(qkernels.reference_qconv2d(data, weight, bias, multiplier, shift, **attrs),
+    np.testing.assert_array_equal(qkernels_reference.qconv2d(data, weight, bias, multiplier, shift, **attrs),
                                   expected)
 
 
@@ -156,7 +156,7 @@ def test_qdense_matches_numpy(rows, depth, features, dtype):
     consts = (rng.integers(-127, 128, size=(depth, features)).astype("int8"), *channel_params(rng, features, depth))
     attrs = dict(input_zero_point=9, output_zero_point=-2, out_min=-100, out_max=120, out_dtype="int8",
                  high_word=scheme.uses_high_word(consts[3]))
-    expected = qkernels.reference_qdense(data, *consts, **attrs)
+    expected = qkernels_reference.qdense(data, *consts, **attrs)
     np.testing.assert_array_equal(run(build(qkernels.qdense, [data], consts, **attrs), data), expected)
 
 
@@ -170,9 +170,23 @@ def test_qadd_matches_numpy(shape_a, shape_b, dtype):
     lo, hi = scheme.DTYPE_RANGES[dtype]
     attrs = dict(a_multiplier=ma, b_multiplier=mb, shift=shift, a_zero_point=lo + 100,
                  b_zero_point=lo + 120, output_zero_point=lo + 128, out_min=lo + 5, out_max=hi, out_dtype=dtype)
-    expected = qkernels.reference_qadd(a, b, **attrs)
+    expected = qkernels_reference.qadd(a, b, **attrs)
     assert expected.shape == np.broadcast_shapes(shape_a, shape_b)
     np.testing.assert_array_equal(run(build(qkernels.qadd, [a, b], **attrs), a, b), expected)
+
+
+@pytest.mark.parametrize("shape_a, shape_b, dtype", [((1, 6, 6, 16), (1, 1, 1, 16), "uint8"),  # SE gate
+                                                     ((1, 5, 5, 7), (1, 5, 5, 7), "int8")])
+def test_qmul_matches_numpy(shape_a, shape_b, dtype):
+    rng = np.random.default_rng(3)
+    a, b = random_q(rng, shape_a, dtype), random_q(rng, shape_b, dtype)
+    multiplier, shift = scheme.fixed_point_multiplier(0.03 * 0.004 / 0.02)
+    lo, hi = scheme.DTYPE_RANGES[dtype]
+    attrs = dict(multiplier=int(multiplier), shift=int(shift), a_zero_point=lo + 100, b_zero_point=lo,
+                 output_zero_point=lo + 128, out_min=lo, out_max=hi - 3, out_dtype=dtype)
+    expected = qkernels_reference.qmul(a, b, **attrs)
+    assert expected.shape == np.broadcast_shapes(shape_a, shape_b) and len(np.unique(expected)) > 20
+    np.testing.assert_array_equal(run(build(qkernels.qmul, [a, b], **attrs), a, b), expected)
 
 
 @pytest.mark.parametrize("in_dtype, out_dtype", [("uint8", "int8"), ("int8", "uint8")])
@@ -182,7 +196,7 @@ def test_qrequantize_matches_numpy(in_dtype, out_dtype):
     multiplier, shift = scheme.fixed_point_multiplier(0.021 / (0.013 * 2**qkernels.QSHIFT))
     attrs = dict(multiplier=int(multiplier), shift=int(shift), input_zero_point=4, output_zero_point=-6,
                  out_min=-128, out_max=127, out_dtype=out_dtype)
-    expected = qkernels.reference_qrequantize(x, **attrs)
+    expected = qkernels_reference.qrequantize(x, **attrs)
     np.testing.assert_array_equal(run(build(qkernels.qrequantize, [x], **attrs), x), expected)
 
 
@@ -197,7 +211,7 @@ def test_qavg_pool2d_matches_numpy(shape, pool, strides, padding, dtype):
     lo, hi = scheme.DTYPE_RANGES[dtype]
     attrs = dict(pool_size=pool, strides=strides, padding=padding, multiplier=int(multiplier), shift=int(shift),
                  input_zero_point=lo + 125, output_zero_point=lo + 130, out_min=lo, out_max=hi, out_dtype=dtype)
-    expected = qkernels.reference_qavg_pool2d(x, **attrs)
+    expected = qkernels_reference.qavg_pool2d(x, **attrs)
     np.testing.assert_array_equal(run(build(qkernels.qavg_pool2d, [x], **attrs), x), expected)
 
 
@@ -206,7 +220,7 @@ def test_qmax_pool2d_matches_numpy(dtype, dilation):
     rng = np.random.default_rng(4)
     x = random_q(rng, (1, 11, 10, 6), dtype)
     attrs = dict(pool_size=(3, 3), strides=(2, 2), padding=(1, 1, 1, 1), dilation=dilation)
-    expected = qkernels.reference_qmax_pool2d(x, **attrs)
+    expected = qkernels_reference.qmax_pool2d(x, **attrs)
     np.testing.assert_array_equal(run(build(qkernels.qmax_pool2d, [x], **attrs), x), expected)
 
 
@@ -231,7 +245,7 @@ def test_conv_fused_with_quantize_and_dequantize():
     host = target_of("host")
     ex = tvm.compile(bb.get(), host, relax_pipeline=lowering_pipeline(host))
     qx = scheme.quantize(x.transpose(0, 2, 3, 1), scheme.QParams(np.float32(0.01), np.int32(3), "uint8"))
-    expected = scheme.dequantize(qkernels.reference_qconv2d(qx, *consts, **attrs),
+    expected = scheme.dequantize(qkernels_reference.qconv2d(qx, *consts, **attrs),
                                  scheme.QParams(np.float32(0.02), np.int32(5), "uint8"))
     np.testing.assert_array_equal(run(ex, x), expected)
     if _host_has("avx512vnni"):
@@ -248,7 +262,7 @@ def test_producer_fused_into_conv_is_materialized_and_tensorized():
     data, consts, attrs = conv_case(rng, (1, 6, 6, 32), 32, 1)
     ex = build(_transposed_qconv2d, [np.ascontiguousarray(data.transpose(0, 3, 1, 2))], consts, **attrs)
     np.testing.assert_array_equal(run(ex, np.ascontiguousarray(data.transpose(0, 3, 1, 2))),
-                                  qkernels.reference_qconv2d(data, *consts, **attrs))
+                                  qkernels_reference.qconv2d(data, *consts, **attrs))
     if _host_has("avx512vnni"):
         assert "vpdpbusd" in llvm_assembly(ex)
 
@@ -308,7 +322,7 @@ def test_depthwise_with_rows_padded_to_four_runs_on_vnni(kernel, stride, shape):
     rng = np.random.default_rng(kernel * 10 + stride)
     data, consts, attrs = conv_case(rng, shape, shape[3], kernel, groups=shape[3], stride=stride, zout=5,
                                     clamp=(5, 200))
-    expected = qkernels.reference_qconv2d(data, *consts, **attrs)
+    expected = qkernels_reference.qconv2d(data, *consts, **attrs)
     weight, *epilogue = consts
     extra = -kernel % depthwise_dot.depthwise_rows(target_of("host"), shape[3], 1, "uint8", kernel)
     assert extra == 4 - kernel % 4
@@ -367,7 +381,7 @@ def test_avx2_build_uses_pmaddwd_and_matches_numpy(dtype):
     data, consts, attrs = conv_case(rng, (1, 9, 9, 16), 24, 3, dtype=dtype)
     ex = build(qkernels.qconv2d, [data], consts, target="x86-avx2", **attrs)
     assert re.search(r"\bvpmaddwd\b", llvm_assembly(ex))
-    np.testing.assert_array_equal(run(ex, data), qkernels.reference_qconv2d(data, *consts, **attrs))
+    np.testing.assert_array_equal(run(ex, data), qkernels_reference.qconv2d(data, *consts, **attrs))
 
 
 # ------------------------------------------------------------------------------------ emulated Raspberry Pis
@@ -392,11 +406,11 @@ def test_arm_kernels_match_numpy_on_emulated_board(board):
                                                 ((1, 10, 10, 16), 16, 3, 16)]:
         data, consts, attrs = conv_case(rng, shape, out_channels, kernel, groups=groups, dtype="int8", out_dtype="int8")
         dot = "sdot" if board == "rpi5" and groups == 1 else "smull"  # depthwise: widening multiplies
-        cases.append((qkernels.qconv2d, data, consts, attrs, qkernels.reference_qconv2d(data, *consts, **attrs), dot))
+        cases.append((qkernels.qconv2d, data, consts, attrs, qkernels_reference.qconv2d(data, *consts, **attrs), dot))
     data = random_q(rng, (3, 64), "int8")
     consts = (rng.integers(-127, 128, size=(64, 40)).astype("int8"), *channel_params(rng, 40, 64))
     attrs = dict(input_zero_point=1, output_zero_point=2, out_min=-128, out_max=127, out_dtype="int8")
-    cases.append((qkernels.qdense, data, consts, attrs, qkernels.reference_qdense(data, *consts, **attrs),
+    cases.append((qkernels.qdense, data, consts, attrs, qkernels_reference.qdense(data, *consts, **attrs),
                   "sdot" if board == "rpi5" else "smull"))
 
     port = free_port()

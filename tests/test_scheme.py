@@ -15,8 +15,8 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from relay_passes.quantize import scheme
-from relay_passes.quantize.scheme import QParams
+from schedules import scheme
+from schedules.scheme import QParams
 
 DTYPES = ["uint8", "int8"]
 INT32 = (-(2**31), 2**31 - 1)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import targets
 from conftest import free_port, kill, ort_outputs, start
 from schedules import database as dbs
-from schedules import tune
+from schedules import apply_tuning, tune
 
 TRIALS, PER_ITERATION = 8, 4
 
@@ -232,7 +232,7 @@ def test_damaged_database_lines_are_reported_and_skipped(tmp_path):
                         f"{tmp_path / dbs.RECORDS}: skipped unreadable line 3",
                         f"{tmp_path / dbs.RECORDS}: skipped 1 records of unreadable workloads"]
     assert len(reopened) == 1  # the second workload's record survives, renumbered to the first line
-    assert reopened.query_tuning_record(tune.workload_module(funcs[16]), targets.tvm_target(targets.resolve("host")), "main") is not None
+    assert reopened.query_tuning_record(apply_tuning.workload_module(funcs[16]), targets.tvm_target(targets.resolve("host")), "main") is not None
     assert dbs.open_database(tmp_path)[1] == []  # repaired for good
 
 
@@ -249,8 +249,8 @@ def _database(directory: Path, sizes_and_secs: dict[int, float]) -> dict:
     for n, secs in sizes_and_secs.items():
         a = te.placeholder((n,), name="a")
         func = te.create_prim_func([a, te.compute((n,), lambda i: a[i] * 2, name="b")])
-        workload = database.commit_workload(tune.workload_module(func))
-        database.commit_tuning_record(ms.database.TuningRecord(tvm_schedule(tune.workload_module(func)).trace,
+        workload = database.commit_workload(apply_tuning.workload_module(func))
+        database.commit_tuning_record(ms.database.TuningRecord(tvm_schedule(apply_tuning.workload_module(func)).trace,
                                                                workload, [secs], host,
                                                                ms.arg_info.ArgInfo.from_prim_func(func)))
         funcs[n] = func
@@ -259,12 +259,12 @@ def _database(directory: Path, sizes_and_secs: dict[int, float]) -> dict:
 
 def test_export_ships_only_records_that_beat_the_default(tmp_path, monkeypatch):
     source, shipped = tmp_path / "work", tmp_path / "shipped" / "host-x"
-    keys = {n: tune.workload_key(f) for n, f in _database(source, {8: 1e-6, 16: 1e-3, 24: 2e-6}).items()}
+    keys = {n: apply_tuning.workload_key(f) for n, f in _database(source, {8: 1e-6, 16: 1e-3, 24: 2e-6}).items()}
     # The records' own times (1e-6 s) beat every default; only the side-by-side times (ms) decide.
     dbs.save_ledger(source, {keys[8]: {"task": "eight", "default_ms": 0.01, "tuned_ms": 0.005},  # tuned wins
                              keys[16]: {"task": "sixteen", "default_ms": 0.01, "tuned_ms": 0.02},  # default wins
                              keys[24]: {"task": "twenty-four", "default_ms": 0.01, "tuned_ms": 0.008}})
-    keys.update({n: tune.workload_key(f) for n, f in _database(shipped, {24: 1e-6, 32: 1e-6}).items()})  # already shipped: a faster 24, and 32
+    keys.update({n: apply_tuning.workload_key(f) for n, f in _database(shipped, {24: 1e-6, 32: 1e-6}).items()})  # already shipped: a faster 24, and 32
     dbs.save_ledger(shipped, {keys[24]: {"task": "twenty-four", "default_ms": 0.01, "tuned_ms": 0.004},
                               keys[32]: {"task": "thirty-two", "default_ms": 0.01, "tuned_ms": 0.005}})
 

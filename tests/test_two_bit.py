@@ -16,11 +16,12 @@ from tvm import relax
 import edgeq
 import targets
 from edgeq.artifact import QUANTIZED_MODEL
-from edgeq.build import compile_module, graph_module
+from edgeq.compiler import compile_module, graph_module
 from edgeq.demo import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 from edgeq.frontend import load_onnx
 from relay_passes.quantize import realize as realize_mod
-from relay_passes.quantize import realize_onnx, storage
+from edgeq.compiler import realize_onnx
+from relay_passes.quantize import storage
 
 
 @pytest.fixture(scope="module")

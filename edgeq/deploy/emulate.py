@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from targets.atomic import write_atomic
+
 from ..errors import EdgeqError
 
 BOARDS = {"rpi3": "cortex-a53", "rpi4": "cortex-a72", "rpi5": "cortex-a76"}  # board -> QEMU_CPU
@@ -105,9 +107,7 @@ def _load_state() -> dict:
 
 
 def _save_state(state: dict) -> None:
-    tmp = _state_path().with_name(f".devices.json.{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=1) + "\n")
-    os.replace(tmp, _state_path())
+    write_atomic(_state_path(), json.dumps(state, indent=1) + "\n")
 
 
 def _alive(pid: int, mark: bytes) -> bool:

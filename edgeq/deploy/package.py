@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
+
+from targets.atomic import atomic_path
 
 from ..artifact import Artifact
 
@@ -58,14 +59,9 @@ def package(artifact_dir, out_path) -> Path:
         ffi=importlib.metadata.version("apache-tvm-ffi"), target=m["target"], tarball=out.name,
         inputs=", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in m["inputs"]),
         outputs=", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in m["outputs"]))
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for file in ["manifest.json", *m["files"]]:
-                tar.add(artifact.path / file, arcname=f"{name}/{file}")
-            _add_bytes(tar, f"{name}/run.py", RUNNER.read_bytes(), 0o755)
-            _add_bytes(tar, f"{name}/DEVICE.md", readme.encode())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for file in ["manifest.json", *m["files"]]:
+            tar.add(artifact.path / file, arcname=f"{name}/{file}")
+        _add_bytes(tar, f"{name}/run.py", RUNNER.read_bytes(), 0o755)
+        _add_bytes(tar, f"{name}/DEVICE.md", readme.encode())
     return out

@@ -22,7 +22,6 @@ import argparse
 import io
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -32,6 +31,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+
+from targets.atomic import write_atomic
 
 SEED = 0
 MIN_ACCURACY = 0.98
@@ -62,18 +63,6 @@ def train(model, x, y, epochs=30, batch=64):
     return model.eval()
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export_onnx(model) -> onnx.ModelProto:
     buf = io.BytesIO()
     torch.onnx.export(
@@ -98,7 +87,7 @@ CALIBRATION_SAMPLES = 256
 def write_calibration_set(out_dir: str, x_train: np.ndarray) -> None:
     npz = io.BytesIO()
     np.savez(npz, image=x_train[:CALIBRATION_SAMPLES])
-    atomic_write(os.path.join(out_dir, "digits_calib.npz"), npz.getvalue())
+    write_atomic(os.path.join(out_dir, "digits_calib.npz"), npz.getvalue())
 
 
 def main() -> int:
@@ -122,10 +111,10 @@ def main() -> int:
     proto = export_onnx(model)
     os.makedirs(args.out_dir, exist_ok=True)
     onnx_path = os.path.join(args.out_dir, "digits_cnn.onnx")
-    atomic_write(onnx_path, proto.SerializeToString())
+    write_atomic(onnx_path, proto.SerializeToString())
     npz = io.BytesIO()
     np.savez(npz, image=x_te, label=y_te)
-    atomic_write(os.path.join(args.out_dir, "digits_test.npz"), npz.getvalue())
+    write_atomic(os.path.join(args.out_dir, "digits_test.npz"), npz.getvalue())
     write_calibration_set(args.out_dir, x_tr)
 
     sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])

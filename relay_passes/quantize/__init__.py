@@ -1,20 +1,23 @@
 """8-bit quantization: prepare -> calibrate -> annotate (QDQ ONNX) -> realize (integer Relax kernels).
 
-`quantize_onnx` turns an fp32 ONNX model plus calibration data into a QDQ ONNX model; `realize_onnx` turns any
-QDQ ONNX model (edgeq's, ONNX Runtime's, PyTorch's; QLinearConv/QLinearMatMul are rewritten to QDQ first) into
-a Relax module whose quantized ops are integer kernels.
+`quantize_onnx` turns an fp32 ONNX model plus calibration data into a QDQ ONNX model; `realize.realize` turns
+the Relax import of any QDQ ONNX model (edgeq's, ONNX Runtime's, PyTorch's; QLinearConv/QLinearMatMul are
+rewritten to QDQ first by `qlinear.to_qdq`) into a module whose quantized ops are integer kernels
+(edgeq.compiler.realize_onnx runs the three steps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from .annotate import Plan, Policy
 from .observers import METHODS
 
-__all__ = ["METHODS", "Plan", "Policy", "QDQResult", "is_quantized", "quantize_onnx", "realize_onnx"]
+__all__ = ["METHODS", "Plan", "Policy", "QDQResult", "is_quantized", "quantize_onnx"]
 
 
 @dataclass
@@ -28,17 +31,23 @@ class QDQResult:
     policy: Policy
 
 
-def quantize_onnx(model: onnx.ModelProto, calibration, method: str = "minmax", policy: Policy | None = None,
-                  progress: bool = False, **options) -> QDQResult:
-    """Calibrate a shape-inferred fp32 model on `calibration` and return its QDQ form."""
+def quantize_onnx(model: onnx.ModelProto, make_run: Callable, batches: list[list[np.ndarray]],
+                  method: str = "minmax", policy: Policy | None = None, progress: bool = False,
+                  **options) -> QDQResult:
+    """Calibrate a shape-inferred fp32 model on `batches` (input lists) and return its QDQ form.
+
+    ``make_run(model, tensors)`` gives the function that runs a batch through ``model`` (the prepared form of
+    the given one) and returns {tensor: array} for the ``tensors`` to observe (edgeq: a host build with them as
+    outputs); the pass itself compiles nothing."""
     from . import annotate, calibrate, prepare
 
     policy = policy or Policy()
     model = annotate.name_nodes(annotate.upgrade_opset(prepare.fold_batch_norm(model)))
     plan = annotate.plan(model, policy)
     pact_tensors = {name: bits for name, (bits, source) in plan.low_bit.items() if source == name}
-    ranges = calibrate.calibrate(model, plan.tensors, calibration, method, policy.activation_dtype,
-                                 progress=progress, low_bit=pact_tensors, **options) if plan.tensors else {}
+    ranges = calibrate.calibrate(make_run(model, plan.tensors), plan.tensors, batches, method,
+                                 policy.activation_dtype, progress=progress, low_bit=pact_tensors,
+                                 **options) if plan.tensors else {}
     for name, (_, source) in plan.low_bit.items():
         ranges[name] = ranges[source]  # a max pool keeps the codes and alpha of its input
     return QDQResult(annotate.insert_qdq(model, plan, ranges, policy), plan, ranges, method, policy)
@@ -51,19 +60,3 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "QGemm",
                  "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool")
-
-
-def realize_onnx(model: onnx.ModelProto, dtype: str, target=None):
-    """A Relax module computing a QDQ (or QLinear*) ONNX model with integer kernels, `dtype` activations.
-
-    ``target`` (a tvm Target) picks the low-bit kernels: bit-serial where it has popcount, int8 otherwise;
-    None assumes popcount."""
-    from tvm import relax
-
-    from edgeq.frontend import load_onnx
-
-    from . import qlinear, realize
-
-    float_weights, weights = realize.extract_weights(qlinear.to_qdq(model))
-    mod = relax.transform.FoldConstant()(load_onnx(float_weights).mod)
-    return realize.realize(mod, weights, dtype, target)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import scheme
+from schedules import scheme
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ OP_RULES = {
     "MatMul": OpRule((0,), weight=1, fuses_activation=True),
     "Gemm": OpRule((0,), weight=1, fuses_activation=True),
     "Add": OpRule((0, 1), fuses_activation=True),
+    "Mul": OpRule((0, 1)),
     "Concat": OpRule(None),
+    "Split": OpRule((0,)),
     "MaxPool": OpRule((0,)),
     "AveragePool": OpRule((0,)),
     "GlobalAveragePool": OpRule((0,)),
@@ -44,7 +46,7 @@ ACTIVATIONS = ("Relu", "Clip")
 WEIGHTED = ("Conv", "MatMul", "Gemm")
 # Ops that only move or select values: quantized when they read a quantized tensor (so chains stay integer),
 # never after a float op (that would only add a quantize/dequantize round trip around a float value).
-FOLLOWERS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+FOLLOWERS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Split")
 
 
 @dataclass
@@ -144,15 +146,26 @@ def _why_not(node, consts: dict[str, np.ndarray], shapes: dict[str, list[int]]) 
         return "Gemm with transA/alpha/beta"
     if node.op_type == "Conv" and len(shapes.get(node.input[0], [])) != 4:
         return "only 2-D convolutions are quantized"
-    if node.op_type == "Add" and any(i in consts for i in node.input):
-        return "add of a constant stays float"
+    if node.op_type in ("Add", "Mul") and any(i in consts for i in node.input):
+        return f"{node.op_type} of a constant stays float"
     if node.op_type in ("MaxPool", "AveragePool") and len(shapes.get(node.input[0], [])) != 4:
         return "only 2-D pooling is quantized"
     if node.op_type == "Clip" and any(i and i not in consts for i in node.input[1:]):
         return "Clip bounds are not constants"
     if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
         return "MaxPool with indices"
+    if node.op_type == "Split" and len(node.input) > 1 and node.input[1] and node.input[1] not in consts:
+        return "Split sizes are not constants"
     return None
+
+
+def _gated_activation(node, producers: dict) -> bool:
+    """x * sigmoid(x) (SiLU / Swish) and x * hard_sigmoid(x) (hard-swish) are one activation of x: realize
+    turns the whole float island into a table of x's codes, which a quantized Mul would split in two."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return False
+    return any(producers.get(gate) is not None and producers[gate].op_type in ("Sigmoid", "HardSigmoid")
+               and producers[gate].input[0] == other for gate, other in (node.input, node.input[::-1]))
 
 
 def _weight_axis(node) -> int:
@@ -165,8 +178,9 @@ def _weight_axis(node) -> int:
 
 # Followers that commute with quantization (a max, a copy): when one reads a float tensor but its output is
 # quantized anyway (a conv reads it), quantizing its input instead turns the op itself integer at no extra
-# round trip. YOLOv8's SPPF: SiLU -> three 5x5 max pools -> concat -> conv ran its pools and concat in float.
-_HOISTED = ("MaxPool", "Concat")
+# round trip. YOLOv8's SPPF: SiLU -> three 5x5 max pools -> concat -> conv ran its pools and concat in float;
+# its C2f blocks: SiLU -> Split -> convs and a concat.
+_HOISTED = ("MaxPool", "Concat", "Split")
 
 
 def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
@@ -175,7 +189,7 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
     while True:
         result = _plan(model, policy, hoisted)
         more = {node for node, reason in result.skipped.items() if reason == _FLOAT_INPUT} & {
-            n.name for n in model.graph.node if n.op_type in _HOISTED and n.output[0] in result.tensors}
+            n.name for n in model.graph.node if n.op_type in _HOISTED and set(n.output) & set(result.tensors)}
         if not more:
             return result
         hoisted |= more
@@ -195,6 +209,7 @@ def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
     weighted = [n.name for n in graph.node if n.op_type in WEIGHTED]
     excluded = set(policy.exclude)
     if "first" in excluded and weighted:
@@ -210,6 +225,8 @@ def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:
         if node.name in excluded or node.op_type in excluded:
             result.skipped[node.name] = "excluded by policy"
             continue
+        if _gated_activation(node, producers):
+            continue  # not a layer of its own: part of an activation realized as a table
         reason = _why_not(node, consts, shapes)
         if not reason and node.op_type in FOLLOWERS and not quantized & set(node.input):
             reason = _FLOAT_INPUT
@@ -229,6 +246,8 @@ def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:
             fused.add(users[0].name)
         result.groups.append(group)
         quantized.add(group.output)
+        if node.op_type == "Split":  # every part is a slice of the quantized input
+            quantized.update(o for o in node.output if o)
     if policy.weight_bits < 8 or policy.activation_bits < 8:
         _assign_low_bits(result, policy, graph, consts)
     return result

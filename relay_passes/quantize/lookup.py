@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
-from . import scheme
+from schedules import scheme
 from .exprs import const, is_const, op_name
 
 _MAX_OPS = 16  # an island is a short activation chain; anything longer is left to the float path

@@ -18,7 +18,9 @@ import math
 
 import numpy as np
 
-from .scheme import DTYPE_RANGES
+from schedules.scheme import DTYPE_RANGES
+
+from .pact import check_bits, optimal_alpha
 
 
 class Histogram:
@@ -305,6 +307,28 @@ class MSEObserver(HistogramObserver):
         return best_range
 
 
+class PACTObserver(HistogramObserver):
+    """Calibration method "pact": range (0, alpha) with the MSE-optimal alpha for ``bits``-bit codes.
+
+    ``bits=None`` takes the bit width from the dtype passed to ``range`` (uint8: 8 bits), so the observer also
+    serves the 8-bit flow; low-bit activations pass ``bits`` explicitly.
+    """
+
+    def __init__(self, bits: int | None = None, bins: int = 2048):
+        super().__init__(bins)
+        self.bits = None if bits is None else int(bits)
+        if self.bits is not None:
+            check_bits(self.bits)
+
+    def alpha(self, bits: int | None = None) -> float:
+        bits = bits or self.bits or 8
+        return optimal_alpha(self.histogram, bits)
+
+    def _clip(self, levels):
+        bits = self.bits or int(round(math.log2(levels)))
+        return 0.0, optimal_alpha(self.histogram, bits)
+
+
 OBSERVERS = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
@@ -317,11 +341,9 @@ METHODS = tuple(OBSERVERS)
 def make_observer(method: str, **options) -> Observer:
     """A fresh observer of the named calibration method; options go to its constructor (e.g. bins=2048).
 
-    "pact" (``pact.PACTObserver``, options bits=k, bins) is the PACT clip of non-negative low-bit activations;
+    "pact" (:class:`PACTObserver`, options bits=k, bins) is the PACT clip of non-negative low-bit activations;
     it is not in METHODS because it clips every negative value to 0 (the low-bit modes pick it per tensor)."""
     if method == "pact":
-        from .pact import PACTObserver
-
         return PACTObserver(**options)
     if method not in OBSERVERS:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")

@@ -6,7 +6,7 @@
 so a k-bit activation is the unsigned code round(y * (2^k - 1) / alpha) in 0..2^k-1 with scale alpha / (2^k - 1)
 and zero point 0 (real 0.0 is code 0: ReLU zeros and zero padding are exact).
 
-Post-training alpha: :class:`PACTObserver` picks, on the same bounded :class:`~.observers.Histogram` the 8-bit
+Post-training alpha: :class:`~.observers.PACTObserver` picks, on the same bounded :class:`~.observers.Histogram` the 8-bit
 observers use, the alpha minimizing clipping + quantization squared error (the trade-off of the paper's
 Fig. 4a).  A QAT-exported model carries its learned alpha: :func:`find_pact_clips` reads it from the ONNX
 pattern Clip(0, alpha) (or Relu -> Min(alpha)) followed by a QuantizeLinear/DequantizeLinear fake quant.
@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .observers import HistogramObserver
 
 
 def clip(x, alpha):
@@ -32,12 +31,12 @@ def clip(x, alpha):
 
 def quantize(x, alpha: float, bits: int) -> np.ndarray:
     """k-bit unsigned codes round(clip(x, 0, alpha) * (2^k - 1) / alpha) (uint8 for k <= 8; round half even)."""
-    steps = _steps(bits)
+    steps = check_bits(bits)
     return np.round(clip(x, alpha) * (steps / alpha)).astype(np.uint8 if bits <= 8 else np.uint16)
 
 
 def dequantize(codes, alpha: float, bits: int) -> np.ndarray:
-    return (np.asarray(codes, np.float64) * (alpha / _steps(bits))).astype(np.float32)
+    return (np.asarray(codes, np.float64) * (alpha / check_bits(bits))).astype(np.float32)
 
 
 def fake_quantize(x, alpha: float, bits: int) -> np.ndarray:
@@ -47,10 +46,11 @@ def fake_quantize(x, alpha: float, bits: int) -> np.ndarray:
 
 def scale(alpha: float, bits: int) -> float:
     """Real value of one code step."""
-    return float(alpha) / _steps(bits)
+    return float(alpha) / check_bits(bits)
 
 
-def _steps(bits: int) -> int:
+def check_bits(bits: int) -> int:
+    """2^bits - 1, the largest code; ValueError for a bit width PACT does not take."""
     if not 1 <= int(bits) <= 16:
         raise ValueError(f"PACT bit width must be 1..16, got {bits}")
     return 2 ** int(bits) - 1
@@ -71,7 +71,7 @@ def histogram_mse(histogram, alphas: np.ndarray, bits: int) -> np.ndarray:
     keep = counts > 0
     centres = ((np.arange(counts.size) - z + 0.5) * width)[keep]
     counts = counts[keep]
-    steps = _steps(bits)
+    steps = check_bits(bits)
     errors = np.empty(len(alphas))
     for start in range(0, len(alphas), 128):  # [candidates, bins] blocks bound the memory
         a = np.asarray(alphas[start:start + 128], np.float64)[:, None]
@@ -92,28 +92,6 @@ def optimal_alpha(histogram, bits: int) -> float:
     candidates = np.arange(1, top + 1) * width
     errors = histogram_mse(histogram, candidates, bits)
     return float(min(candidates[int(np.argmin(errors))], histogram.max))
-
-
-class PACTObserver(HistogramObserver):
-    """Calibration method "pact": range (0, alpha) with the MSE-optimal alpha for ``bits``-bit codes.
-
-    ``bits=None`` takes the bit width from the dtype passed to ``range`` (uint8: 8 bits), so the observer also
-    serves the 8-bit flow; low-bit activations pass ``bits`` explicitly.
-    """
-
-    def __init__(self, bits: int | None = None, bins: int = 2048):
-        super().__init__(bins)
-        self.bits = None if bits is None else int(bits)
-        if self.bits is not None:
-            _steps(self.bits)
-
-    def alpha(self, bits: int | None = None) -> float:
-        bits = bits or self.bits or 8
-        return optimal_alpha(self.histogram, bits)
-
-    def _clip(self, levels):
-        bits = self.bits or int(round(math.log2(levels)))
-        return 0.0, optimal_alpha(self.histogram, bits)
 
 
 # ---------------------------------------------------------------------------------------------- QAT models

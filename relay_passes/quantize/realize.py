@@ -1,14 +1,14 @@
 """Realize: rewrite the QDQ patterns of an imported Relax module into integer kernels.
 
 Input: the Relax import of a QDQ ONNX model (edgeq's own annotate output or one written by ONNX Runtime /
-PyTorch), with weights already taken out of their DequantizeLinear (see `extract_weights`).  Every
+PyTorch), with weights already taken out of their DequantizeLinear (see weights.extract_weights).  Every
 ``quantize(f(dequantize(x), ...))`` whose float part ``f`` has an integer version becomes one integer kernel from
 `schedules.qkernels` that reads and writes 8-bit tensors directly: conv2d (+bias, ReLU/Clip; grouped and
-depthwise), matmul by a constant (+bias, activation), add (+activation), max / average / global-average pool,
-concat, reshape, and ``quantize(dequantize(x))`` itself (identity or a rescale): so chains stay integer and
-dequantize->quantize pairs between integer ops disappear.  Everything else stays float between its dequantize
-and quantize.  Integer 4-D tensors live in NHWC (channels contiguous, what the dot-product kernels read);
-layout changes are emitted only where a float op needs the model's NCHW.
+depthwise), matmul by a constant (+bias, activation), add (+activation), multiply of two tensors, max / average /
+global-average pool, concat, split, reshape, and ``quantize(dequantize(x))`` itself (identity or a rescale): so
+chains stay integer and dequantize->quantize pairs between integer ops disappear.  Everything else stays float
+between its dequantize and quantize.  Integer 4-D tensors live in NHWC (channels contiguous, what the
+dot-product kernels read); layout changes are emitted only where a float op needs the model's NCHW.
 
 Activations are uint8 on x86 (VNNI multiplies u8 x s8) and int8 on ARM (sdot is s8 x s8): the pass converts a
 model's zero points (q - 128 is exact), so either kind of QDQ model runs on either target.
@@ -23,86 +23,21 @@ the manifest's weight bytes by precision are read off the module.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from . import scheme, storage
+from schedules import scheme
+
+from . import storage
 from .exprs import const as _const
 from .exprs import is_const as _is_const
 from .exprs import op_name as _op_name
 from .lookup import island_table
+from .weights import Weight, weight_key
 
 _SCRATCH = "edgeq_realized_main"  # the rewritten function's name while it is built next to the original
 _DOT_DEPTH = 4  # input channels one dot-product instruction reduces (vpdpbusd, sdot)
-
-
-@dataclass(frozen=True)
-class Weight:
-    """An int8 weight taken out of a DequantizeLinear, with its per-channel (or scalar) scale."""
-
-    values: np.ndarray  # int8, zero point 0
-    scale: np.ndarray  # float32, () or (channels,)
-    axis: int | None
-    layer: str = ""  # the node that reads it (what the manifest names)
-
-
-def _key(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array, np.float32)
-    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
-
-
-def extract_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Weight]]:
-    """Replace every DequantizeLinear of a constant int8 weight by its float value; keep the integers aside.
-
-    The float initializer lets TVM's importer and constant folding work as usual; the realize pass finds the
-    integers again by content (a 2-D weight is also registered transposed, as Gemm(transB=1) imports it).
-    uint8 weights with zero point 128 are shifted to int8; other asymmetric weights stay float.
-    """
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    table: dict[str, Weight] = {}
-    replaced = []
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, node.name)
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
-            continue
-        values = numpy_helper.to_array(inits[node.input[0]])
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zero = (numpy_helper.to_array(inits[node.input[2]]).astype(np.int32)
-                if len(node.input) > 2 and node.input[2] else np.zeros(scale.shape, np.int32))
-        if values.dtype not in (np.int8, np.uint8) or values.ndim < 2:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim if scale.ndim else None
-        shifted = values.astype(np.int32) - zero.reshape(_axis_shape(values.ndim, axis))
-        if not np.all(zero == (128 if values.dtype == np.uint8 else 0)) or shifted.min() < -128:
-            continue
-        weight = Weight(shifted.astype(np.int8), scale, axis, readers.get(node.output[0], node.output[0]))
-        real = scheme.dequantize(weight.values, scheme.QParams(scale, np.zeros(scale.shape, np.int32), "int8", axis))
-        table[_key(real)] = weight
-        if real.ndim == 2:
-            table[_key(real.T)] = replace(weight, values=weight.values.T.copy(),
-                                          axis=None if axis is None else 1 - axis)
-        graph.initializer.append(numpy_helper.from_array(real, node.output[0]))
-        replaced.append(node)
-    for node in replaced:
-        graph.node.remove(node)
-    return model, table
-
-
-def _axis_shape(ndim: int, axis: int | None) -> list[int]:
-    """Shape that broadcasts per-channel parameters along ``axis`` (all ones when per tensor)."""
-    shape = [1] * ndim
-    if axis is not None:
-        shape[axis] = -1
-    return shape
 
 
 @dataclass
@@ -115,12 +50,6 @@ class QTensor:
     dtype: str
     layout: str  # "NHWC": a 4-D tensor of the model (NCHW) kept channels-last; "native": the model's layout
     bits: int = 8  # < 8: q - zero_point in 0..2^bits-1 (PACT codes), what the bit-serial kernels read
-
-
-def activation_dtype(target) -> str:
-    """uint8 where the dot product is u8 x s8 (x86 VNNI), int8 where it is s8 x s8 (ARM sdot / NEON)."""
-    arch = str(target.attrs.get("mtriple", "")) or ""
-    return "int8" if arch.startswith(("aarch64", "arm")) else "uint8"
 
 
 def realize(mod, weights: dict[str, Weight], dtype: str = "uint8", target=None):
@@ -156,6 +85,7 @@ class _Realizer:
         self.vmap: dict = {}  # original var -> new var
         self.qmap: dict = {}  # original var of a quantize -> QTensor
         self.layouts: dict = {}  # (id of QTensor var, layout) -> converted var
+        self.splits: dict = {}  # (original split tuple var, layout) -> the integer split's tuple var
         self.stored: dict = {}  # storage.key of each kernel constant -> (precision, layer, fp32 bytes)
 
     # --- driving ---------------------------------------------------------------------------------------
@@ -289,8 +219,12 @@ class _Realizer:
         out_qp = scheme.QParams(np.asarray(scale, np.float32), np.asarray(zero, np.int32), dtype)
         core, (lo, hi) = self._activation(quantize.args[0])
         qlo, qhi = scheme.activation_clamp(out_qp, lo, hi)
+        from tvm import relax
+
         value = self._def(core)
         op = _op_name(value)
+        if isinstance(value, relax.TupleGetItem) and _op_name(self._def(value.tuple_value)) == "relax.split":
+            op = "relax.split"  # one part of a split: its handler takes the TupleGetItem
         bias = None
         if op == "relax.add" and any(_is_const(a) for a in value.args):
             inner = next(a for a in value.args if not _is_const(a))
@@ -298,18 +232,13 @@ class _Realizer:
                 bias = _const(next(a for a in value.args if _is_const(a)))
                 value = self._def(inner)
                 op = _op_name(value)
-        handler = {
-            "relax.nn.conv2d": self._conv2d, "relax.matmul": self._matmul, "relax.add": self._add,
-            "relax.nn.max_pool2d": self._max_pool, "relax.nn.avg_pool2d": self._avg_pool,
-            "relax.mean": self._mean, "relax.concat": self._concat, "relax.reshape": self._reshape,
-            "relax.dequantize": self._identity,
-        }.get(op)
+        handler = _HANDLERS.get(op)
         if handler is None:
             result = None
         elif op == "relax.dequantize":
-            result = handler(core, scale, zero, qlo, qhi)
+            result = handler(self, core, scale, zero, qlo, qhi)
         else:
-            result = handler(value, bias, scale, zero, qlo, qhi)
+            result = handler(self, value, bias, scale, zero, qlo, qhi)
         if result is None:
             return self._lookup(quantize.args[0], out_qp)
         top = qhi - zero  # codes q - zero in [0, 2^k - 1]: a PACT tensor (a clamp at alpha), read as k-bit planes
@@ -516,6 +445,23 @@ class _Realizer:
                          output_zero_point=zero, out_min=lo, out_max=hi, out_dtype=self.dtype, name="qadd")
         return QTensor(var, scale, zero, self.dtype, layout)
 
+    def _mul(self, mul, bias, scale, zero, lo, hi):
+        """Product of two integer tensors (broadcast: squeeze-excitation's gate); 4-D operands in NHWC, where a
+        [N, C, 1, 1] gate broadcasts as [N, 1, 1, C]."""
+        from schedules import qkernels
+
+        a, b = (self._dequantized(x) for x in mul.args)
+        if a is None or b is None or bias is not None:
+            return None
+        ranks = {len(a.var.ty.shape), len(b.var.ty.shape)}
+        layout = "NHWC" if ranks == {4} and "NHWC" in (a.layout, b.layout) else "native"
+        a, b = self._layout(a, layout), self._layout(b, layout)
+        multiplier, shift = scheme.fixed_point_multiplier(a.scale * b.scale / scale)
+        var = self._emit(qkernels.qmul, a.var, b.var, multiplier=int(multiplier), shift=int(shift),
+                         a_zero_point=a.zero_point, b_zero_point=b.zero_point, output_zero_point=zero,
+                         out_min=lo, out_max=hi, out_dtype=self.dtype, name="qmul")
+        return QTensor(var, scale, zero, self.dtype, layout)
+
     def _max_pool(self, pool, bias, scale, zero, lo, hi):
         from schedules import qkernels
 
@@ -578,6 +524,28 @@ class _Realizer:
         var = self.bb.emit(relax.op.concat([p.var for p in parts], axis=axis))
         return QTensor(var, scale, zero, self.dtype, layout)
 
+    def _split_part(self, item, bias, scale, zero, lo, hi):
+        """Part ``item.index`` of a split of an integer tensor (along channels: in NHWC); the split is emitted
+        once, for the first part realized."""
+        from tvm import relax
+
+        split = self._def(item.tuple_value)
+        qt = self._dequantized(split.args[0])
+        if qt is None or bias is not None:
+            return None
+        rank = len(qt.var.ty.shape)
+        axis = int(split.attrs.axis) % rank
+        layout = "NHWC" if rank == 4 and axis == 1 else "native"
+        qt = self._layout(qt, layout)
+        key = (item.tuple_value, layout)
+        if key not in self.splits:
+            sections = split.attrs.indices_or_sections
+            sections = int(sections) if isinstance(sections, int) or hasattr(sections, "value") else [
+                int(i) for i in sections]
+            self.splits[key] = self.bb.emit(relax.op.split(qt.var, sections, axis=3 if layout == "NHWC" else axis))
+        part = self.bb.emit(relax.TupleGetItem(self.splits[key], item.index))
+        return self._requantize(QTensor(part, qt.scale, qt.zero_point, qt.dtype, layout, qt.bits), scale, zero, lo, hi)
+
     def _reshape(self, reshape, bias, scale, zero, lo, hi):
         from tvm import relax
 
@@ -593,7 +561,20 @@ class _Realizer:
         return None if qt is None else self._requantize(qt, scale, zero, lo, hi)
 
     def _weight(self, expr) -> Weight | None:
-        return self.weights.get(_key(_const(expr))) if _is_const(expr) else None
+        return self.weights.get(weight_key(_const(expr))) if _is_const(expr) else None
+
+
+# The integer version of each op, keyed by the Relax op under the quantize: handler(realizer, the op's call, bias,
+# out scale, out zero point, clamp lo, clamp hi) -> QTensor, or None to leave it float. A dequantize (a requantize
+# between two quantization parameters) takes (realizer, the dequantized var, scale, zero point, lo, hi).
+_HANDLERS = {
+    "relax.nn.conv2d": _Realizer._conv2d, "relax.matmul": _Realizer._matmul, "relax.add": _Realizer._add,
+    "relax.multiply": _Realizer._mul,
+    "relax.nn.max_pool2d": _Realizer._max_pool, "relax.nn.avg_pool2d": _Realizer._avg_pool,
+    "relax.mean": _Realizer._mean, "relax.concat": _Realizer._concat, "relax.reshape": _Realizer._reshape,
+    "relax.split": _Realizer._split_part,
+    "relax.dequantize": _Realizer._identity,
+}
 
 
 # --- low-bit weights -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeq.errors import EdgeqError, one_line
+from targets.errors import EdgeqError, one_line
 
 from . import rules as rule_table
 from .cost import CostModel, can_measure

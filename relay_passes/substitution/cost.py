@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import raise_if_interrupted
+from targets.atomic import write_atomic
+from targets.errors import raise_if_interrupted
 
 from . import ops
 from .channels_last import channels_last
@@ -174,17 +174,10 @@ class CostModel:
 
         A cache that cannot be written (read-only home) only costs re-measuring next time.
         """
-        tmp = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            table = {**self._load(), **self.table}
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".op_costs.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps({**self._load(), **self.table}, indent=0, sort_keys=True))
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
+            pass
 
     def prefetch(self, graphs) -> None:
         """Measure every kernel of `graphs` not in the cache yet, BATCH to a compile (what pricing the graphs

@@ -12,7 +12,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from edgeq.errors import raise_if_interrupted
+from targets.errors import raise_if_interrupted
 
 from .graph import Graph
 

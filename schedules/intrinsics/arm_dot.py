@@ -11,7 +11,7 @@ turns a named intermediate into a one-element ``local`` buffer, which TVM 0.27 a
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from . import dot_product_desc
+from .descriptions import dot_product_desc
 
 SDOT_4x4 = "edgeq_dot_4x4_i8i8s32_sdot"
 NEON_4x4 = "edgeq_dot_4x4_i8i8s32_neon"

@@ -17,7 +17,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_version_major
 
-from . import depthwise_rows_desc, dot_product_desc
+from .descriptions import depthwise_rows_desc, dot_product_desc
 
 _BYTE_OPERANDS = llvm_version_major() >= 22  # vpdpbusd takes <N x i8> operands, not <N/4 x i32>
 
