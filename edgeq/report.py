@@ -82,7 +82,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
         int8_source, reason = _artifact_runs_here(artifact)
         if int8_source == "artifact":
             int8_taps = _collect(q_run, batches[:layer_batches], q_names)
-            int8 = _collect(lambda b: [artifact.run(b)[n] for n in out_names], batches, out_names)
+            int8 = _collect(artifact.run, batches, out_names)
         else:
             int8 = int8_taps = _collect(q_run, batches, q_names, out_names, layer_batches)
             notes.append(f"int8 outputs from quantized.onnx realized for this machine: {reason}")
@@ -187,32 +187,27 @@ def _graph_info(path: Path) -> tuple[set[str], dict[str, str]]:
 
 
 def _host_build(path: Path, shapes: dict, taps: list[str], qdq: bool = False):
-    """Build an ONNX file with `taps` added as outputs for this machine: (output names, batch -> arrays)."""
+    """Build an ONNX file with `taps` added as outputs for this machine: (output names, batch -> {name: array})."""
     from .calibration import tapped_runner
     from .frontend import load_onnx
 
     inferred = load_onnx(path, shapes).onnx_model  # shape-inferred and folded: the taps name its tensors
     known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)}
-    names, run = tapped_runner(inferred, [t for t in taps if t in known], qdq)
-
-    def in_order(batch):
-        values = run(batch)
-        return [values[n] for n in names]
-
-    return names, in_order
+    return tapped_runner(inferred, [t for t in taps if t in known], qdq)
 
 
 def _collect(run, batches, names, outputs=(), tap_batches: int | None = None) -> dict[str, np.ndarray]:
-    """Run every batch; results by name joined along axis 0.  With tap_batches, only `outputs` are kept after
+    """Run every batch (``run``: batch -> {name: array}); the `names` joined along axis 0.  With tap_batches, only `outputs` are kept after
     the first tap_batches batches (the taps of a whole data set would not fit in memory for a large model)."""
     from .errors import raise_if_interrupted
 
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i, b in enumerate(batches):
         raise_if_interrupted()
-        for name, value in zip(names, run(b)):
+        results = run(b)
+        for name in names:
             if tap_batches is None or i < tap_batches or name in outputs:
-                parts[name].append(np.atleast_1d(value))
+                parts[name].append(np.atleast_1d(results[name]))
     return {n: np.concatenate(p) for n, p in parts.items() if p}
 
 

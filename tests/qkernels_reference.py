@@ -5,10 +5,7 @@ import numpy as np
 
 from schedules import scheme
 from schedules.qkernels import QSHIFT
-
-
-def out_size(size, kernel, stride, dilation, before, after):
-    return (int(size) + before + after - dilation * (int(kernel) - 1) - 1) // stride + 1
+from schedules.qkernels import _out_size as out_size  # the output-size formula the kernels share
 
 
 def pad_nhwc(x, padding, value):

@@ -131,6 +131,35 @@ def _output_scale(quantized):
     return float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer if t.name == name)))
 
 
+def _realized_calls(qdq) -> list:
+    """Every call in the realized module of a QDQ model (uint8 activations)."""
+    from tvm import relax
+
+    from edgeq.compiler import realize_onnx
+
+    calls = []
+    relax.analysis.post_order_visit(realize_onnx(qdq, "uint8")["main"],
+                                    lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
+    return calls
+
+
+def _op_names(calls) -> list[str]:
+    return [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+
+
+def _assert_within_a_concat_step_of_onnxruntime(model, quantized, w_after):
+    """A block ending concat -> 1x1 conv (weights ``w_after``) against ORT on the same QDQ model: integer
+    requantization may round a concat code one step off ORT's float path (ties); through the conv that is at
+    most the concat's step times the largest |w| row sum, plus the output's own step."""
+    feeds = _feeds(model)
+    ours = _run_host(model, quantized.qdq)(feeds)
+    oracle = ort_outputs(quantized.qdq, feeds)[0]
+    cat_scale = float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer
+                                                 if t.name == "cat.scale")))
+    bound = cat_scale * np.abs(w_after).sum(axis=(1, 2, 3)).max() + _output_scale(quantized)
+    assert np.abs(ours - oracle).max() <= bound * 1.001
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_realized_op_matches_onnxruntime_on_the_same_qdq_model(case):
     nodes, inits, inputs, out_shape = CASES[case]
@@ -147,16 +176,10 @@ def test_realized_op_matches_onnxruntime_on_the_same_qdq_model(case):
 
 @pytest.mark.parametrize("case", ["maxpool", "maxpool_ceil", "maxpool_ceil_2x2_odd"])
 def test_max_pool_is_realized_on_integer_codes(case):
-    from tvm import relax
-
-    from edgeq.compiler import realize_onnx
-
     nodes, inits, inputs, out_shape = CASES[case]
     model = _model(nodes, inits, inputs, out_shape)
-    mod = realize_onnx(edgeq.quantize(model, _calibration(model)).qdq, "uint8")
-    calls = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
-    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    calls = _realized_calls(edgeq.quantize(model, _calibration(model)).qdq)
+    ops = _op_names(calls)
     kernels = [str(c.args[0].name_hint) for c in calls if getattr(c.op, "name", "") == "relax.call_tir"]
     assert "relax.nn.max_pool2d" not in ops and any(k.startswith("qmax_pool2d") for k in kernels)
 
@@ -165,10 +188,6 @@ def test_max_pools_and_concat_after_a_float_op_are_quantized_at_their_input():
     """YOLOv8's SPPF block: SiLU -> max pools -> concat -> conv. The pools and the concat read a float tensor
     (SiLU is no quantized op), but their output is quantized for the conv anyway: quantizing SiLU's output
     instead makes them integer (a max and a copy commute with quantization), and SiLU becomes a table."""
-    from tvm import relax
-
-    from edgeq.compiler import realize_onnx
-
     nodes = [_conv("x", "w1", "c", "b1", pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
              helper.make_node("Mul", ["c", "s"], ["a"], name="silu"),
              helper.make_node("MaxPool", ["a"], ["p1"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], name="pool1"),
@@ -181,30 +200,15 @@ def test_max_pools_and_concat_after_a_float_op_are_quantized_at_their_input():
     quantized = edgeq.quantize(model, _calibration(model))
     assert {"pool1", "pool2", "cat"} <= {g.node for g in quantized.plan.groups}, quantized.plan.skipped
     assert "silu" not in quantized.plan.skipped and "silu" not in {g.node for g in quantized.plan.groups}  # a table
-    mod = realize_onnx(quantized.qdq, "uint8")
-    calls = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
-    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    ops = _op_names(_realized_calls(quantized.qdq))
     assert not {"relax.nn.max_pool2d", "relax.sigmoid"} & set(ops) and ops.count("relax.dequantize") == 1, ops
-    feeds = _feeds(model)
-    ours = _run_host(model, quantized.qdq)(feeds)
-    oracle = ort_outputs(quantized.qdq, feeds)[0]
-    # integer requantization may round a concat code one step off ORT's float path (ties); through the 1x1
-    # conv that is at most the concat's step times the largest |w| row sum, plus the output's own step
-    cat_scale = float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer
-                                                 if t.name == "cat.scale")))
-    bound = cat_scale * np.abs(w2).sum(axis=(1, 2, 3)).max() + _output_scale(quantized)
-    assert np.abs(ours - oracle).max() <= bound * 1.001
+    _assert_within_a_concat_step_of_onnxruntime(model, quantized, w2)
 
 
 def test_split_after_a_float_op_is_realized_on_integer_codes():
     """YOLOv8's C2f block: SiLU -> Split -> a conv on one part, then a concat of the parts and the conv's output
     -> conv. The Split is quantized at its input (SiLU becomes a table) and splits the integer tensor along
     channels (NHWC), so neither the split nor SiLU runs in float."""
-    from tvm import relax
-
-    from edgeq.compiler import realize_onnx
-
     nodes = [_conv("x", "w1", "c", "b1"), helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
              helper.make_node("Mul", ["c", "s"], ["a"], name="silu"),
              helper.make_node("Split", ["a"], ["a0", "a1"], axis=1, name="split"),  # equal halves
@@ -216,21 +220,12 @@ def test_split_after_a_float_op_is_realized_on_integer_codes():
                            "b3": _w(8)}, {"x": [1, 4, 8, 8]}, [1, 8, 8, 8])
     quantized = edgeq.quantize(model, _calibration(model))
     assert {"split", "cat"} <= {g.node for g in quantized.plan.groups}, quantized.plan.skipped
-    mod = realize_onnx(quantized.qdq, "uint8")
-    calls = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) else None)
-    ops = [str(c.op.name) for c in calls if hasattr(c.op, "name")]
+    calls = _realized_calls(quantized.qdq)
+    ops = _op_names(calls)
     splits = [c for c in calls if getattr(c.op, "name", "") == "relax.split"]
     assert "relax.sigmoid" not in ops and ops.count("relax.dequantize") == 1, ops
     assert [str(c.args[0].ty.dtype) for c in splits] == ["uint8"] and int(splits[0].attrs.axis) == 3
-    feeds = _feeds(model)
-    ours = _run_host(model, quantized.qdq)(feeds)
-    oracle = ort_outputs(quantized.qdq, feeds)[0]
-    # as for the SPPF block: a concat code may round one step off ORT's float path, through the 1x1 conv
-    cat_scale = float(numpy_helper.to_array(next(t for t in quantized.qdq.graph.initializer
-                                                 if t.name == "cat.scale")))
-    bound = cat_scale * np.abs(w3).sum(axis=(1, 2, 3)).max() + _output_scale(quantized)
-    assert np.abs(ours - oracle).max() <= bound * 1.001
+    _assert_within_a_concat_step_of_onnxruntime(model, quantized, w3)
 
 
 def test_realized_graph_is_integer_end_to_end():

@@ -181,6 +181,7 @@ def _weight_axis(node) -> int:
 # round trip. YOLOv8's SPPF: SiLU -> three 5x5 max pools -> concat -> conv ran its pools and concat in float;
 # its C2f blocks: SiLU -> Split -> convs and a concat.
 _HOISTED = ("MaxPool", "Concat", "Split")
+_FLOAT_INPUT = "its input is not quantized"  # why a follower is skipped, and what makes it a hoisting candidate
 
 
 def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
@@ -188,14 +189,12 @@ def plan(model: onnx.ModelProto, policy: Policy) -> Plan:
     hoisted: set[str] = set()
     while True:
         result = _plan(model, policy, hoisted)
+        tensors = set(result.tensors)
         more = {node for node, reason in result.skipped.items() if reason == _FLOAT_INPUT} & {
-            n.name for n in model.graph.node if n.op_type in _HOISTED and set(n.output) & set(result.tensors)}
+            n.name for n in model.graph.node if n.op_type in _HOISTED and tensors & set(n.output)}
         if not more:
             return result
         hoisted |= more
-
-
-_FLOAT_INPUT = "its input is not quantized"
 
 
 def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:

@@ -215,12 +215,12 @@ class _Realizer:
     # --- patterns ----------------------------------------------------------------------------------------
     def _realize(self, quantize) -> QTensor | None:
         """The integer version of quantize(f(...)), or None when f has none."""
+        from tvm import relax
+
         scale, zero, dtype = self._out_params(quantize)
         out_qp = scheme.QParams(np.asarray(scale, np.float32), np.asarray(zero, np.int32), dtype)
         core, (lo, hi) = self._activation(quantize.args[0])
         qlo, qhi = scheme.activation_clamp(out_qp, lo, hi)
-        from tvm import relax
-
         value = self._def(core)
         op = _op_name(value)
         if isinstance(value, relax.TupleGetItem) and _op_name(self._def(value.tuple_value)) == "relax.split":
