@@ -82,6 +82,19 @@ def _modules(module):
         yield from _modules(child)
 
 
+def _auto(model, calibration, method: str, exclude, per_channel: bool, progress: bool, options: dict):
+    """quantize="auto": the per-layer precision policy (edgeq.policy.search) over ``options``' eval_data, labels,
+    max_drop, objective, min_sqnr."""
+    from .policy import search
+
+    allowed = {"eval_data", "labels", "max_drop", "objective", "min_sqnr"}
+    if options.get("eval_data") is None:
+        raise EdgeqError("--quantize auto needs evaluation data (--eval-data) to measure each policy on")
+    if exclude or set(options) - allowed:
+        raise EdgeqError("--quantize auto chooses every layer itself: drop --exclude/--fpsc/calibration options")
+    return search(model, calibration, method=method, per_channel=per_channel, progress=progress, **options).quantized
+
+
 def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
           quantize: str | None = None, calibration=None, calib_method: str = "minmax",
@@ -89,8 +102,9 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
           shipped_tuning: bool = True, substitute: dict | bool | None = None, **calib_options) -> Artifact:
     """Compile an ONNX model (path, ModelProto, ImportedModel or edgeq.QuantizedModel) into an artifact dir.
 
-    quantize="int8" calibrates on `calibration` first (see edgeq.quantize for the options); a model that is
-    already quantized (QDQ / QLinear ops) is compiled to integer kernels as it is.
+    quantize="int8" calibrates on `calibration` first (see edgeq.quantize for the options; "auto": see
+    edgeq.policy.search, with eval_data, labels, max_drop, objective, min_sqnr); a model that is already
+    quantized (QDQ / QLinear ops) is compiled to integer kernels as it is.
     Without out_dir the artifact goes to a fresh temporary directory. tuning_db: an `edgeq tune` work dir whose
     records for this target are applied (with edgeq's shipped records unless shipped_tuning=False).
     substitute: True or the options of relay_passes.substitution.substitute (alpha, budget, cost).
@@ -99,7 +113,7 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
 
     from schedules.database import databases_for, untimed_workloads
 
-    from .quantize import MODES, QuantizedModel
+    from .quantize import AUTO, MODES, QuantizedModel
     from .quantize import quantize as quantize_model
 
     if quantize is not None and quantize not in MODES:
@@ -115,7 +129,10 @@ def build(model, target: str | dict = "host", out_dir: str | os.PathLike | None 
             model = load_onnx(model, input_shapes)
         preset = targets.resolve(target)
         tuning_dbs = databases_for(preset, tuning_db, shipped_tuning) if not preset.is_gpu else []
-        if quantize is not None and quantized is None:
+        if quantize == AUTO and quantized is None:
+            step("calibrate")
+            quantized = _auto(model, calibration, calib_method, exclude, per_channel, progress, calib_options)
+        elif quantize is not None and quantized is None:
             step("calibrate")
             quantized = quantize_model(model, calibration, calib_method, exclude, per_channel,
                                        progress=progress, mode=quantize, **calib_options)

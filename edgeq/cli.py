@@ -18,7 +18,7 @@ from .commands import (cmd_bench, cmd_compile, cmd_demo, cmd_deploy, cmd_device,
 from .errors import EdgeqError, one_line
 from .tuning_commands import cmd_tune
 
-QUANTIZE_MODES = ["int8", "w2a2", "w2a8", "w4a4"]  # edgeq.quantize.MODES, without importing TVM for --help
+QUANTIZE_MODES = ["int8", "w2a2", "w2a8", "w4a4", "auto"]  # edgeq.quantize.MODES, without importing TVM for --help
 
 
 def substitution_flags(p, switch: str | None = None) -> None:
@@ -60,13 +60,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--exclude", action="append", metavar="NODES",
                        help="keep these in float: node names, op types, 'first', 'last' (comma-separated, repeatable)")
         p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+        p.add_argument("--eval-data", metavar="DATA", help="--quantize auto: the .npz each candidate policy is "
+                       "scored on (keys = input names, plus --labels)")
+        p.add_argument("--labels", metavar="KEY", help="--quantize auto: key of the class indices in --eval-data "
+                       "(without it: top-1 agreement with fp32)")
+        p.add_argument("--max-drop", type=float, default=1.0, metavar="PP",
+                       help="--quantize auto: accuracy drop allowed, in percentage points (default 1)")
+        p.add_argument("--min-sqnr", type=float, metavar="DB",
+                       help="--quantize auto: an output-SQNR floor in dB instead of an accuracy budget")
+        p.add_argument("--objective", choices=["size", "latency"], default="size",
+                       help="--quantize auto: what the policy minimizes: weight bytes, or latency measured here")
     p = command("compile", cmd_compile, "compile an ONNX model into an artifact directory")
     p.add_argument("model", help="model.onnx")
     p.add_argument("--target", default="host", help="preset name (see `edgeq targets`) or a raw TVM target JSON")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=shape_help)
     quantization_flags(p, "quantize with calibration data (--calib): int8 (w8a8), or SAWB weights / PACT "
-                       "activations at 2 or 4 bits (w2a2, w2a8, w4a4) on bit-serial popcount kernels; models that "
+                       "activations at 2 or 4 bits (w2a2, w2a8, w4a4) on bit-serial popcount kernels, or auto: "
+                       "each layer's precision chosen by measurement on --eval-data within --max-drop; models that "
                        "are already quantized (QDQ / QLinear ops) are compiled to integer kernels without this flag")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the records of an `edgeq tune` work dir for this target")
     p.add_argument("--no-shipped-tuning", action="store_true",

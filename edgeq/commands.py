@@ -43,9 +43,13 @@ def quantize_options(args) -> dict:
     """The quantization flags (quantization_flags) as keyword arguments of edgeq.quantize."""
     if args.percentile is not None and args.calib_method != "percentile":
         raise EdgeqError("--percentile applies to --calib-method percentile only")
-    low_bit = args.quantize not in (None, "int8")
+    low_bit = args.quantize not in (None, "int8", "auto")
     if args.fpsc and not low_bit:
         raise EdgeqError("--fpsc applies to the low-bit modes (--quantize w2a2, w2a8 or w4a4)")
+    auto_flags = [flag for flag, given in (("--eval-data", args.eval_data), ("--labels", args.labels),
+                                           ("--min-sqnr", args.min_sqnr is not None)) if given]
+    if args.quantize != "auto" and auto_flags:
+        raise EdgeqError(f"{', '.join(auto_flags)} appl{'ies' if len(auto_flags) == 1 else 'y'} to --quantize auto")
     options = {"method": args.calib_method, "per_channel": not args.per_tensor,
                "exclude": tuple(x for item in args.exclude or [] for x in item.split(",") if x)}
     if args.percentile is not None:
@@ -53,6 +57,9 @@ def quantize_options(args) -> dict:
     if low_bit:
         keep = args.keep_8bit.strip()
         options.update(keep_8bit=() if keep == "none" else tuple(x for x in keep.split(",") if x), fpsc=args.fpsc)
+    if args.quantize == "auto":
+        options.update(eval_data=args.eval_data, labels=args.labels, max_drop=args.max_drop,
+                       objective=args.objective, min_sqnr=args.min_sqnr)
     return options
 
 
@@ -160,6 +167,10 @@ def _inspect_artifact(path: str) -> None:
     print(f"  weights {q['mode']}{' fpsc' if q.get('fpsc') else ''}: "
           + ", ".join(precision(label, n, q.get("weights_by_precision", {}).get(label, {}))
                       for label, n in q["weight_bytes"].items()))
+    if "policy" in q:
+        from .report import policy_lines
+
+        print("\n".join(policy_lines(q["policy"])))
 
 
 def cmd_inspect(args) -> None:

@@ -52,3 +52,42 @@ def codegen(mod, preset: targets.Preset, tuning_dbs=(), applied: list | None = N
 def compile_module(model: ImportedModel, preset: targets.Preset, qdq: onnx.ModelProto | None = None):
     """Graph passes, lowering and code generation with default schedules: the in-memory executable."""
     return codegen(graph_module(model, preset, qdq), preset)
+
+
+class HostBuild:
+    """A model compiled for this machine in memory, as edgeq.build compiles it (edgeq's shipped tuning records
+    applied), without writing an artifact: run a batch, time it, and the weight bytes its kernels hold — what
+    the policy search compares candidates by."""
+
+    def __init__(self, model: ImportedModel, qdq: onnx.ModelProto | None = None):
+        import tvm
+        from tvm import relax
+
+        from relay_passes.quantize import storage
+        from schedules.database import databases_for
+
+        preset = targets.resolve("host")
+        mod = graph_module(model, preset, qdq)
+        self.weight_bytes = sum(p["bytes"] for p in storage.weights_by_precision(mod).values())
+        self.vm = relax.VirtualMachine(codegen(mod, preset, databases_for(preset, None, True)), tvm.cpu())
+        self.outputs = [spec.name for spec in model.outputs]
+
+    def run(self, batch: list) -> dict:
+        """{output name: array} of one batch (arrays in input order)."""
+        import tvm
+
+        result = self.vm["main"](*[tvm.runtime.tensor(a) for a in batch])
+        values = [result] if len(self.outputs) == 1 else list(result)
+        return {name: v.numpy() for name, v in zip(self.outputs, values)}
+
+    def latency_ms(self, batch: list, repeat: int = 10, threads: int | None = None) -> float:
+        """Mean latency of one batch in ms (time_evaluator, each repeat >= 20 ms of runs, after a warm-up)."""
+        import tvm
+
+        from .artifact import latency_stats, thread_count
+
+        with thread_count(threads):
+            self.vm.set_input("main", *[tvm.runtime.tensor(a) for a in batch])
+            self.vm.invoke_stateful("main")
+            timer = self.vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=20)
+            return latency_stats(timer("main").results)["mean_ms"]

@@ -17,7 +17,8 @@ from .errors import EdgeqError
 from .frontend import ImportedModel, load_onnx
 
 LOW_BIT_MODES = {"w2a2": (2, 2), "w2a8": (2, 8), "w4a4": (4, 4)}  # mode -> (weight bits, activation bits)
-MODES = ("int8", *LOW_BIT_MODES)  # what `quantize(mode=...)` and edgeq.build(quantize=...) take
+AUTO = "auto"  # per-layer precision chosen by measurement under an accuracy budget (edgeq.policy)
+MODES = ("int8", *LOW_BIT_MODES, AUTO)  # what `quantize(mode=...)` and edgeq.build(quantize=...) take
 
 
 @dataclass
@@ -32,6 +33,7 @@ class QuantizedModel:
     per_channel: bool
     mode: str = "int8"
     fpsc: bool = False  # low-bit modes: residual shortcuts kept 8-bit
+    policy: object = None  # mode "auto": the edgeq.policy.PolicyResult that chose each layer's precision
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the QDQ model (runs in ONNX Runtime too, which makes a handy cross-check)."""
@@ -59,6 +61,7 @@ class QuantizedModel:
                                  for g in self.plan.groups],
             "float_layers": dict(self.plan.skipped),
             "ranges": {name: [float(lo), float(hi)] for name, (lo, hi) in self.ranges.items()},
+            **({"policy": self.policy.summary()} if self.policy is not None else {}),
         }
 
 
@@ -72,6 +75,7 @@ def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...
     activations of low-bit modes always use PACT's MSE-optimal clip).  exclude: node names, op types, "first",
     "last" to keep in float.  mode: int8, w2a2, w2a8, w4a4; keep_8bit: layers of a low-bit mode kept 8-bit;
     fpsc: low-bit modes keep residual shortcuts 8-bit (shortcut convs, the tensors into and out of residual Adds).
+    Per-layer precision chosen by measurement (mode "auto") is edgeq.policy.search, which builds on this.
     """
     from relay_passes.quantize import METHODS, Policy, is_quantized, quantize_onnx
 
@@ -82,6 +86,9 @@ def quantize(model, calibration, method: str = "minmax", exclude: tuple[str, ...
     if method not in METHODS:
         raise EdgeqError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
+    if mode == AUTO:  # above this module: edgeq.policy builds on QuantizedModel
+        raise EdgeqError("mode 'auto' is a search over builds: edgeq.policy.search(model, calibration, eval_data, "
+                         "...) or edgeq.build(model, quantize='auto', calibration=..., eval_data=...)")
     if is_quantized(imported.onnx_model):
         raise EdgeqError(f"{imported.name} is already quantized (it has QuantizeLinear/QLinear ops); "
                          "build it as it is, without --quantize")

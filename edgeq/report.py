@@ -41,8 +41,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
       float_layers: {node: why it stayed float} from the manifest
       notes: [str] what the reader should know (host realization, capped per-layer pass, dropped samples)
     """
-    from . import Artifact
-    from .artifact import QUANTIZED_MODEL, SOURCE_MODEL
+    from .artifact import QUANTIZED_MODEL, SOURCE_MODEL, Artifact
     from .errors import interruptible
     from .tensors import load_arrays
 
@@ -125,6 +124,7 @@ def evaluate(artifact_dir, data, labels: str | None = None, plot: str | os.PathL
                     for n in out_names],
         "layers": rows, "layer_samples": layer_samples, "worst_layer": worst["node"] if worst else None,
         "float_layers": dict(q.get("float_layers", {})), "notes": notes,
+        **({"policy": q["policy"]} if "policy" in q else {}),
     }
     if plot is not None:
         plot_report(report, fp32[first], int8[first], plot)
@@ -258,6 +258,8 @@ def format_report(report: dict, layers: bool = True) -> str:
                      f"max abs error {o['max_abs_error']:.4g}")
     for note in r["notes"]:
         lines.append(f"  note          {note}")
+    if "policy" in r:
+        lines += policy_lines(r["policy"])
     if layers:
         rows, header = layer_table(r)
         cells = [header] + [[str(c) for c in row] for row in rows]
@@ -268,6 +270,41 @@ def format_report(report: dict, layers: bool = True) -> str:
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths).rstrip())
     return "\n".join(lines)
+
+
+def policy_lines(policy: dict) -> list[str]:
+    """How --quantize auto chose: budget, verified numbers against the single-mode builds, each layer and why."""
+    v = policy.get("verified") or {}
+    budget = (f"SQNR >= {policy.get('min_sqnr')} dB" if policy["metric"] == "sqnr_db" else
+              f"{policy['metric']} drop <= {policy['max_drop']} points (the share of samples fp32 gets right and "
+              "it gets wrong)")
+    lines = [f"  policy        {policy['objective']} minimized, {budget}, fp32 {policy['fp32_score']:.2f}; "
+             f"{len(policy['evaluated'])} assignments measured"]
+    for m in v.get("compared", []):
+        lines.append(f"  built         {m['label']:<7} {policy['metric']} {m['score']:.2f} (drop {m['drop']:+.2f}), "
+                     f"{m['objective']:.4g} {v['unit']}" + ("  <- chosen" if m["label"] == v["label"] else ""))
+    for entry in policy["layers"]:
+        alone = ", ".join(f"{p} {score:.1f}" for p, score in entry.get("sensitivity", {}).items())
+        lines.append(f"  layer         {entry['node']}: {entry['why']}"
+                     + (f" [{policy['metric']} with it alone raised from the cheapest start: {alone}]" if alone else ""))
+    return lines
+
+
+def plot_policy(policy: dict, axes) -> None:
+    """Every assignment the policy search measured: estimated objective vs drop, the budget and the chosen one."""
+    points = policy["evaluated"]
+    axes.scatter([e["objective"] for e in points], [e["drop"] for e in points], s=10, alpha=0.5,
+                 label="measured assignments")
+    for e in (e for e in points if e.get("label")):
+        axes.annotate(e["label"], (e["objective"], e["drop"]), fontsize=7)
+    chosen = policy["proxy"]
+    axes.scatter([chosen["objective"]], [chosen["drop"]], s=60, marker="*", color="tab:red", label="chosen")
+    axes.axhline(policy["max_drop"] if policy["metric"] != "sqnr_db" else 0.0, color="gray", linestyle="--",
+                 linewidth=0.8, label="budget")
+    axes.set_xlabel(f"{policy['objective']} (estimated from per-layer costs)")
+    axes.set_ylabel(f"{policy['metric']} drop (onnxruntime QDQ)")
+    axes.set_title("policy search: every assignment measured")
+    axes.legend(fontsize=7)
 
 
 def _matplotlib():
@@ -281,12 +318,17 @@ def _matplotlib():
 
 
 def plot_report(report: dict, fp32: np.ndarray, int8: np.ndarray, path: str | os.PathLike) -> Path:
-    """PNG: per-layer SQNR bars (worst in red) and int8 vs fp32 values of the first output; written atomically."""
+    """PNG: per-layer SQNR bars (worst in red), int8 vs fp32 values of the first output and, for --quantize auto,
+    the policy search's Pareto plot; written atomically."""
     FigureCanvasAgg, Figure = _matplotlib()
     path = Path(path)
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    policy = report.get("policy")
+    fig = Figure(figsize=(15 if policy else 11, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2])
+    panels = fig.subplots(1, 3 if policy else 2, width_ratios=[3, 2, 2] if policy else [3, 2])
+    bars, scatter = panels[0], panels[1]
+    if policy:
+        plot_policy(policy, panels[2])
     layers = report["layers"]
     values = [r["sqnr_db"] if r["sqnr_db"] is not None else 0.0 for r in layers]
     bars.bar(range(len(layers)), values, color=["tab:red" if r["worst"] else "tab:blue" for r in layers])
@@ -302,7 +344,7 @@ def plot_report(report: dict, fp32: np.ndarray, int8: np.ndarray, path: str | os
     scatter.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8)
     out = report["outputs"][0]
     scatter.set_xlabel(f"fp32 {out['name']}")
-    scatter.set_ylabel(f"int8 {out['name']}")
+    scatter.set_ylabel(f"{report['mode']} {out['name']}")
     scatter.set_title(f"{out['name']}: SQNR {_db(out['sqnr_db'], out['max_abs_error'])} dB")
     return _save_png(fig, Path(path))
 

@@ -238,7 +238,7 @@ def _vector_loop(sch: Schedule, block, loops, vector_bytes: int, along_reads: bo
 
     It is vectorisable when every read of the block is contiguous or invariant
     along it; lanes is the largest power-of-two divisor of its extent up to the
-    SIMD width, else its largest divisor up to two registers (LLVM splits a 29-lane vector into registers; a
+    SIMD width, else its largest divisor up to 128 bytes (LLVM splits a 29-lane vector into registers; a
     scalar loop is 2.4x slower), None when fewer than 4 lanes fit.  With ``along_reads`` the
     loop is instead the one the reads' innermost dimension follows (a transpose
     such as the model input's NCHW -> NHWC: vector loads, scattered stores).
@@ -264,8 +264,8 @@ def _vector_loop(sch: Schedule, block, loops, vector_bytes: int, along_reads: bo
     extent = int(sch.get(loop).extent)
     while lanes >= 4 and extent % lanes:
         lanes //= 2
-    if lanes < 4:  # no power-of-two factor (ShuffleNetV2's 58 channels): a divisor up to two registers wide
-        widest = 2 * vector_bytes * 8 // write.source.dtype.bits
+    if lanes < 4:  # no power-of-two factor (ShuffleNetV2's 58 channels): a divisor up to 128 bytes wide (two
+        widest = max(2 * vector_bytes, 128) * 8 // write.source.dtype.bits  # AVX-512 registers, four AVX2 ones)
         lanes = max((d for d in range(4, widest + 1) if extent % d == 0), default=0)
     return (loop, lanes) if lanes >= 4 else (None, None)
 

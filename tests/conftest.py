@@ -19,10 +19,46 @@ import pytest
 from edgeq.cli import main
 
 
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def ort_int8_kernels_exact() -> bool:
+    """Whether onnxruntime's own int8 kernels (QLinearConv, fused QDQ) compute the ONNX arithmetic exactly here.
+    On x86 without VNNI they multiply u8 x s8 pairs with vpmaddubsw, whose 16-bit sums saturate (measured on an
+    AVX2 EPYC: 10-15 dB output SQNR where the QDQ arithmetic gives 32-40 dB)."""
+    from targets.detect import host_arch
+
+    return host_arch() != "x86_64" or "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    except OSError:
+        return set()
+
+
 def ort_outputs(model, inputs: dict) -> list[np.ndarray]:
-    """The independent oracle: onnxruntime's CPU run of the same model."""
+    """The independent oracle: onnxruntime's CPU run of the same model.  A QDQ model runs unfused (DQ -> float
+    op -> Q, the arithmetic ONNX specifies), never through onnxruntime's int8 kernels, which are inexact on x86
+    CPUs without VNNI (ort_int8_kernels_exact); a QOperator model (QLinearConv...) runs in onnx's reference
+    evaluator there (with numpy definitions of onnxruntime's com.microsoft QOperator ops)."""
+    ops = {n.op_type for n in model.graph.node}
+    if any(op.startswith(("QLinear", "QGemm")) or op in ("ConvInteger", "MatMulInteger") for op in ops) \
+            and not ort_int8_kernels_exact():
+        from onnx import version_converter
+        from onnx.reference import ReferenceEvaluator
+
+        from qkernels_reference import MICROSOFT_QOPS
+
+        if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 21:
+            model = version_converter.convert_version(model, 21)  # the evaluator implements QDQ from opset 19
+        return list(ReferenceEvaluator(model, new_ops=MICROSOFT_QOPS).run(None, inputs))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if ops & QDQ_OPS:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, inputs)
 
@@ -47,6 +83,18 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is missing on CI; `make toolchains` should have installed it")
         pytest.skip(f"{name} not installed (make toolchains installs it)")
     return path
+
+
+def popcount_pattern(target) -> str:
+    """The popcount a bit-serial kernel compiles to on an llvm target: AVX-512 VPOPCNTDQ's vpopcnt on vectors;
+    on AVX2, which has no vector popcount, LLVM's nibble-table lookup (vpshufb, then vpsadbw sums); else popcnt."""
+    import tvm
+
+    if tvm.target.codegen.target_has_features("avx512vpopcntdq", target):
+        return r"^\s+vpopcnt[bwdq]\s+%[xyz]mm"
+    if tvm.target.codegen.target_has_features("avx2", target):
+        return r"^\s+vpshufb\s+%ymm"
+    return r"^\s+v?popcnt"
 
 
 def llvm_assembly(executable) -> str:

@@ -93,3 +93,50 @@ def qmax_pool2d(data, *, pool_size, strides, padding, dilation=(1, 1)):
     oh = out_size(data.shape[1], kh, strides[0], dilation[0], padding[0], padding[2])
     ow = out_size(data.shape[2], kw, strides[1], dilation[1], padding[1], padding[3])
     return windows(padded, kh, kw, strides, dilation, oh, ow).max(axis=(3, 4)).astype(data.dtype)
+
+
+# ---- onnxruntime's com.microsoft QOperator ops, by their documented arithmetic, for onnx's reference evaluator
+def _quantize(x, scale, zero_point):
+    info = np.iinfo(np.asarray(zero_point).dtype)
+    return np.clip(np.rint(x / scale) + zero_point, info.min, info.max).astype(np.asarray(zero_point).dtype)
+
+
+def _real(q, scale, zero_point):
+    return (q.astype(np.float64) - np.asarray(zero_point, np.float64)) * np.asarray(scale, np.float64)
+
+
+def _microsoft_ops():
+    from onnx.reference.op_run import OpRun
+
+    class QGemm(OpRun):
+        """Y = alpha * A' B' + C, C int32 at scale alpha * a_scale * b_scale; quantized when y_scale is given."""
+
+        op_domain = "com.microsoft"
+
+        def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, c=None, y_scale=None, y_zp=None, alpha=1.0, transA=0,
+                 transB=0):
+            a = a.astype(np.int64) - np.asarray(a_zp, np.int64)
+            b = b.astype(np.int64)
+            b_zp, b_scale = np.asarray(b_zp, np.int64), np.asarray(b_scale, np.float64)
+            b = b - (b_zp.reshape(-1, 1) if transB and b_zp.ndim else b_zp)
+            acc = (a.T if transA else a) @ (b.T if transB else b) + (0 if c is None else c.astype(np.int64))
+            y = alpha * float(a_scale) * b_scale * acc
+            return (y.astype(np.float32) if y_scale is None else _quantize(y, y_scale, y_zp),)
+
+    class QLinearAdd(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp):
+            return (_quantize(_real(a, a_scale, a_zp) + _real(b, b_scale, b_zp), c_scale, c_zp),)
+
+    class QLinearGlobalAveragePool(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, x_scale, x_zp, y_scale, y_zp, channels_last=0):
+            axes = tuple(range(1, x.ndim - 1)) if channels_last else tuple(range(2, x.ndim))
+            return (_quantize(_real(x, x_scale, x_zp).mean(axis=axes, keepdims=True), y_scale, y_zp),)
+
+    return [QGemm, QLinearAdd, QLinearGlobalAveragePool]
+
+
+MICROSOFT_QOPS = _microsoft_ops()

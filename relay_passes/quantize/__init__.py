@@ -33,21 +33,30 @@ class QDQResult:
 
 def quantize_onnx(model: onnx.ModelProto, make_run: Callable, batches: list[list[np.ndarray]],
                   method: str = "minmax", policy: Policy | None = None, progress: bool = False,
-                  **options) -> QDQResult:
+                  known: dict[tuple[str, int], tuple[float, float]] | None = None, **options) -> QDQResult:
     """Calibrate a shape-inferred fp32 model on `batches` (input lists) and return its QDQ form.
 
     ``make_run(model, tensors)`` gives the function that runs a batch through ``model`` (the prepared form of
     the given one) and returns {tensor: array} for the ``tensors`` to observe (edgeq: a host build with them as
-    outputs); the pass itself compiles nothing."""
+    outputs); the pass itself compiles nothing.  ``known`` ({(tensor, bits): range}, bits 8 for the method's
+    8-bit ranges, the PACT width otherwise) holds ranges calibrated before with the same data and method: only
+    the missing ones are calibrated, and they are added to it (a policy search quantizes one model many ways).
+    """
     from . import annotate, calibrate, prepare
 
     policy = policy or Policy()
+    known = {} if known is None else known
     model = annotate.name_nodes(annotate.upgrade_opset(prepare.fold_batch_norm(model)))
     plan = annotate.plan(model, policy)
-    pact_tensors = {name: bits for name, (bits, source) in plan.low_bit.items() if source == name}
-    ranges = calibrate.calibrate(make_run(model, plan.tensors), plan.tensors, batches, method,
-                                 policy.activation_dtype, progress=progress, low_bit=pact_tensors,
-                                 **options) if plan.tensors else {}
+    widths = {name: 8 for name in plan.tensors} | {
+        name: bits for name, (bits, source) in plan.low_bit.items() if source == name}
+    missing = [name for name, bits in widths.items() if (name, bits) not in known]
+    if missing:
+        pact_tensors = {name: widths[name] for name in missing if widths[name] < 8}
+        found = calibrate.calibrate(make_run(model, missing), missing, batches, method, policy.activation_dtype,
+                                    progress=progress, low_bit=pact_tensors, **options)
+        known.update({(name, widths[name]): found[name] for name in missing})
+    ranges = {name: known[(name, bits)] for name, bits in widths.items()}
     for name, (_, source) in plan.low_bit.items():
         ranges[name] = ranges[source]  # a max pool keeps the codes and alpha of its input
     return QDQResult(annotate.insert_qdq(model, plan, ranges, policy), plan, ranges, method, policy)

@@ -59,6 +59,8 @@ class Policy:
     ``keep_8bit`` (node names, op types, "first", "last") stay 8-bit.  ``fpsc`` keeps residual shortcuts at 8 bits
     (the paper's "full-precision shortcut" variant): the convs on the shortcut side of a residual Add keep 8-bit
     weights, and the tensors from the fork through the Add's output stay 8-bit activations, not PACT codes.
+    ``layer_bits`` (node name -> (weight bits, activation bits)) sets a layer's widths one by one, over the
+    global ones and ``keep_8bit`` (a per-layer policy, edgeq.policy); (8, 8) is int8.
     """
 
     activation_dtype: str = "uint8"
@@ -68,6 +70,7 @@ class Policy:
     activation_bits: int = 8
     keep_8bit: tuple[str, ...] = ("first", "last")
     fpsc: bool = False
+    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,7 +250,7 @@ def _plan(model: onnx.ModelProto, policy: Policy, hoisted: set[str]) -> Plan:
         quantized.add(group.output)
         if node.op_type == "Split":  # every part is a slice of the quantized input
             quantized.update(o for o in node.output if o)
-    if policy.weight_bits < 8 or policy.activation_bits < 8:
+    if policy.weight_bits < 8 or policy.activation_bits < 8 or policy.layer_bits:
         _assign_low_bits(result, policy, graph, consts)
     return result
 
@@ -268,13 +271,22 @@ def _assign_low_bits(plan_: Plan, policy: Policy, graph: onnx.GraphProto, consts
         eight_bit |= {g.output for g in plan_.groups if g.node in adds}  # after a fused ReLU
     producers = {g.output: g for g in plan_.groups}
     for group in weighted:
-        if group.node in keep or group.op_type in keep:
+        if group.node in policy.layer_bits:
+            weight_bits, activation_bits = policy.layer_bits[group.node]
+        elif group.node in keep or group.op_type in keep:
             continue
-        if group.op_type == "Conv" and _attr(nodes[group.node], "group", 1) != 1:
-            continue  # grouped / depthwise convolutions stay 8-bit
-        group.weight_bits = min(policy.weight_bits, 8)
-        if policy.activation_bits < 8:
-            _mark_pact_input(plan_, producers, group.inputs[0], policy.activation_bits, eight_bit)
+        else:
+            weight_bits, activation_bits = policy.weight_bits, policy.activation_bits
+        if not low_bit_capable(group, nodes):
+            continue
+        group.weight_bits = min(weight_bits, 8)
+        if activation_bits < 8:
+            _mark_pact_input(plan_, producers, group.inputs[0], activation_bits, eight_bit)
+
+
+def low_bit_capable(group: Group, nodes: dict) -> bool:
+    """Whether a weighted group can take low-bit weights: grouped / depthwise convolutions stay 8-bit."""
+    return not (group.op_type == "Conv" and _attr(nodes[group.node], "group", 1) != 1)
 
 
 def _mark_pact_input(plan_: Plan, producers: dict, tensor: str, bits: int, eight_bit: set[str]) -> None:
