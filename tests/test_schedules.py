@@ -86,7 +86,6 @@ def test_a_prime_row_count_still_gets_a_full_register_tile():
     import re
 
     import numpy as np
-    import onnx
     from conftest import ort_outputs
     from onnx import TensorProto, helper, numpy_helper
 

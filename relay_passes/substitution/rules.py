@@ -219,7 +219,7 @@ def _merge_mm_check(g, m):
 
 
 def _merge_mm(g, m):
-    a, b = _n(g, m, "a"), _n(g, m, "b")
+    a = _n(g, m, "a")
     wa, wb = _w(g, m["a"]), _w(g, m["b"])
     bias = np.concatenate([_bias(g, m["a"]), _bias(g, m["b"])]) if _has_bias(g, m["a"], m["b"]) else None
     merged = _matmul(g, m["x"], np.concatenate([wa, wb], axis=1), bias, {"act": a.attrs["act"]})
