@@ -164,12 +164,17 @@ class Artifact:
     def benchmark(self, inputs=None, repeat: int = 20, min_repeat_ms: int = 20, threads: int | None = None) -> dict:
         """Latency statistics in ms over `repeat` measurements (each averaged over >= min_repeat_ms of runs)."""
         vm, dev, tensors = self._tensors(inputs)
-        with thread_count(threads):
-            vm.set_input("main", *tensors)
-            vm.invoke_stateful("main")  # warm-up: page in weights, spin up the thread pool
-            timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
-            stats = latency_stats(timer("main").results)
-        return {**stats, "threads": threads or default_threads()}
+        return time_vm(vm, dev, tensors, repeat, min_repeat_ms, threads)
+
+
+def time_vm(vm, dev, tensors: list, repeat: int = 20, min_repeat_ms: int = 20, threads: int | None = None) -> dict:
+    """Latency statistics in ms of a Relax VM's main on ``tensors`` (after a warm-up run)."""
+    with thread_count(threads):
+        vm.set_input("main", *tensors)
+        vm.invoke_stateful("main")  # warm-up: page in weights, spin up the thread pool
+        timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+        stats = latency_stats(timer("main").results)
+    return {**stats, "threads": threads or default_threads()}
 
 
 def outputs_by_name(specs: list[TensorSpec], result) -> dict[str, np.ndarray]:

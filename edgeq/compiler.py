@@ -70,24 +70,20 @@ class HostBuild:
         mod = graph_module(model, preset, qdq)
         self.weight_bytes = sum(p["bytes"] for p in storage.weights_by_precision(mod).values())
         self.vm = relax.VirtualMachine(codegen(mod, preset, databases_for(preset, None, True)), tvm.cpu())
-        self.outputs = [spec.name for spec in model.outputs]
+        self.outputs = model.outputs
 
     def run(self, batch: list) -> dict:
         """{output name: array} of one batch (arrays in input order)."""
         import tvm
 
-        result = self.vm["main"](*[tvm.runtime.tensor(a) for a in batch])
-        values = [result] if len(self.outputs) == 1 else list(result)
-        return {name: v.numpy() for name, v in zip(self.outputs, values)}
+        from .artifact import outputs_by_name
+
+        return outputs_by_name(self.outputs, self.vm["main"](*[tvm.runtime.tensor(a) for a in batch]))
 
     def latency_ms(self, batch: list, repeat: int = 10, threads: int | None = None) -> float:
-        """Mean latency of one batch in ms (time_evaluator, each repeat >= 20 ms of runs, after a warm-up)."""
+        """Mean latency of one batch in ms (each repeat >= 20 ms of runs, after a warm-up)."""
         import tvm
 
-        from .artifact import latency_stats, thread_count
+        from .artifact import time_vm
 
-        with thread_count(threads):
-            self.vm.set_input("main", *[tvm.runtime.tensor(a) for a in batch])
-            self.vm.invoke_stateful("main")
-            timer = self.vm.time_evaluator("invoke_stateful", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=20)
-            return latency_stats(timer("main").results)["mean_ms"]
+        return time_vm(self.vm, tvm.cpu(), [tvm.runtime.tensor(a) for a in batch], repeat, 20, threads)["mean_ms"]

@@ -65,13 +65,15 @@ def measure(imported, layers, precisions: dict[str, tuple[int, int]], cache: str
 
 def layer_model(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
     """A shape-inferred, named model's layer as a model of its own (with a ReLU'd prefix for 4-D inputs)."""
+    from relay_passes.quantize.annotate import ACTIVATIONS
+
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     shapes = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
     inits = {t.name: t for t in graph.initializer}
     anchor = nodes[node_name]
     users = [n for n in graph.node if anchor.output[0] in n.input]
-    chain = [anchor] + (users if len(users) == 1 and users[0].op_type in annotate_activations() else [])
+    chain = [anchor] + (users if len(users) == 1 and users[0].op_type in ACTIVATIONS else [])
     source = shapes[anchor.input[0]]
     dims = [d.dim_value for d in source.type.tensor_type.shape.dim]
     body, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
@@ -92,12 +94,6 @@ def layer_model(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
     sub = helper.make_graph(body, f"layer {node_name}", inputs,
                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_dims)], constants)
     return helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-
-
-def annotate_activations() -> tuple[str, ...]:
-    from relay_passes.quantize import annotate
-
-    return annotate.ACTIVATIONS
 
 
 def _prefix_only(sub: onnx.ModelProto) -> onnx.ModelProto:

@@ -442,7 +442,7 @@ def _verify(state: _Search, candidates: list[Evaluation], batches, objective: st
     measured, builds = [], []
     for evaluation in unique:
         built = HostBuild(state.imported, state.quantize(evaluation.assignment).model)
-        first = built.outputs[0]
+        first = built.outputs[0].name
         score, drop = state.metric.measure(np.concatenate([np.atleast_1d(built.run(b)[first]) for b in batches]))
         builds.append(built)
         measured.append((evaluation, {"label": evaluation.label or "search", "score": score, "drop": drop,

@@ -26,17 +26,9 @@ def ort_int8_kernels_exact() -> bool:
     """Whether onnxruntime's own int8 kernels (QLinearConv, fused QDQ) compute the ONNX arithmetic exactly here.
     On x86 without VNNI they multiply u8 x s8 pairs with vpmaddubsw, whose 16-bit sums saturate (measured on an
     AVX2 EPYC: 10-15 dB output SQNR where the QDQ arithmetic gives 32-40 dB)."""
-    from targets.detect import host_arch
+    from targets.detect import cpu_features, host_arch
 
-    return host_arch() != "x86_64" or "avx512_vnni" in _cpu_flags() or "avx_vnni" in _cpu_flags()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.partition(":")[2].split()}
-    except OSError:
-        return set()
+    return host_arch() != "x86_64" or bool({"avx512_vnni", "avx_vnni"} & set(cpu_features()))
 
 
 def ort_outputs(model, inputs: dict) -> list[np.ndarray]:
